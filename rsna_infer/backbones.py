@@ -1,0 +1,44 @@
+"""One factory for every backbone: timm (2-D) and timm_3d (3-D), always ``pretrained=False``.
+
+Weights only ever come from our own safetensors files (see `rsna_infer.manifest`), so no
+code path here can reach the network. Backbones are built headless (``num_classes=0``) and
+expose ``num_features``; families put their own heads on top.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+
+def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: Any) -> nn.Module:
+    """Headless timm (``dims=2``) or timm_3d (``dims=3``) model with pooled features.
+
+    ``kwargs`` pass through to ``create_model`` (e.g. ``drop_path_rate``); ``pretrained`` and
+    ``num_classes`` are ours to set and may not be given.
+    """
+    for banned in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path", "num_classes"):
+        if banned in kwargs:
+            raise ValueError(f"backbone kwarg {banned!r} is not allowed: weights come from the manifest only")
+    if dims == 2:
+        import timm
+
+        create = timm.create_model
+    elif dims == 3:
+        try:
+            import timm_3d
+        except ImportError as e:  # pragma: no cover - depends on the environment
+            raise ImportError(
+                f"3-D backbone {arch!r} needs the 'timm-3d' package; install it from the bundle's wheelhouse"
+            ) from e
+        create = timm_3d.create_model
+    else:
+        raise ValueError(f"dims must be 2 or 3, got {dims}")
+    try:
+        model = create(arch, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
+    except RuntimeError as e:  # unknown model name
+        raise ValueError(f"cannot create {dims}-D backbone {arch!r}: {e}") from e
+    if not hasattr(model, "num_features"):
+        raise ValueError(f"backbone {arch!r} does not expose num_features")
+    return model

@@ -1,0 +1,204 @@
+"""Model input contracts and manifest entries, as validated dataclasses.
+
+A model's input (size, slices, channels, intensity normalisation) is data, stored in its
+manifest entry, never a constant in code: the same family code serves a 64-px demo model
+and a 384-px competition model. This module imports no torch so that a manifest can be
+validated instantly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .constants import GROUPS
+
+#: Stage-1 families (keypoints) in the order the predictor runs them: later ones may use
+#: earlier ones' keypoints (the axial xy model needs the level classifier's slices).
+STAGE1_FAMILIES: tuple[str, ...] = ("sag2d", "sag3d", "axial3d", "axial_level", "axial_xy")
+#: Stage-2 families (grades): three-view fusion (model1) and per-view ROI (model2).
+STAGE2_FAMILIES: tuple[str, ...] = ("fusion", "roi")
+FAMILIES: tuple[str, ...] = STAGE1_FAMILIES + STAGE2_FAMILIES
+
+
+class SpecError(ValueError):
+    """A manifest entry or input spec is invalid; the message names the field."""
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """Intensity normalisation: clip to per-volume percentiles, scale to [0, 1], then
+    ``(x - mean) / std``. Percentiles are robust to the very different scanner ranges."""
+
+    lo_pct: float = 1.0
+    hi_pct: float = 99.5
+    mean: float = 0.5
+    std: float = 0.25
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.lo_pct < self.hi_pct <= 100.0:
+            raise SpecError(f"norm: need 0 <= lo_pct < hi_pct <= 100, got {self.lo_pct}, {self.hi_pct}")
+        if self.std <= 0:
+            raise SpecError(f"norm.std must be > 0, got {self.std}")
+
+    def bounds(self, pixels: np.ndarray) -> tuple[float, float]:
+        """The clip range for one volume (computed once per volume, applied to every crop)."""
+        flat = np.asarray(pixels, dtype=np.float32).reshape(-1)
+        if flat.size > 1_000_000:  # percentiles of a strided subsample are plenty and 10x cheaper
+            flat = flat[:: flat.size // 1_000_000]
+        lo, hi = np.percentile(flat, [self.lo_pct, self.hi_pct])
+        if not np.isfinite(lo) or not np.isfinite(hi):
+            return 0.0, 1.0
+        return float(lo), float(max(hi, lo + 1e-3))
+
+    def apply(self, arr: np.ndarray, bounds: tuple[float, float] | None = None) -> np.ndarray:
+        """Normalised float32 copy of ``arr`` (``bounds`` from `bounds`, else from ``arr``)."""
+        lo, hi = bounds if bounds is not None else self.bounds(arr)
+        out = (np.clip(np.asarray(arr, dtype=np.float32), lo, hi) - lo) / (hi - lo)
+        return ((out - self.mean) / self.std).astype(np.float32, copy=False)
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a model eats. ``size`` is ``(H, W)`` for 2-D inputs or ``(D, H, W)`` for 3-D ones;
+    ``n_slices`` is the number of slices taken per view (2.5-D channels, crop depth or the
+    slice sample count); ``crop_mm`` the physical side of a stage-2 crop (None: family
+    default). ``extra`` holds family-specific options (documented by each family)."""
+
+    size: tuple[int, ...]
+    n_slices: int = 1
+    in_chans: int = 1
+    crop_mm: float | None = None
+    norm: NormSpec = field(default_factory=NormSpec)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        size = tuple(int(s) for s in self.size)
+        if len(size) not in (2, 3) or min(size) < 1:
+            raise SpecError(f"input.size must be (H, W) or (D, H, W) of positive ints, got {self.size}")
+        object.__setattr__(self, "size", size)
+        if int(self.n_slices) < 1:
+            raise SpecError(f"input.n_slices must be >= 1, got {self.n_slices}")
+        if int(self.in_chans) < 1:
+            raise SpecError(f"input.in_chans must be >= 1, got {self.in_chans}")
+        if self.crop_mm is not None and float(self.crop_mm) <= 0:
+            raise SpecError(f"input.crop_mm must be > 0, got {self.crop_mm}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
+        if not isinstance(d, dict):
+            raise SpecError(f"input must be an object, got {type(d).__name__}")
+        known = {"size", "n_slices", "in_chans", "crop_mm", "norm", "extra"}
+        unknown = set(d) - known
+        if unknown:
+            raise SpecError(f"input: unknown field(s) {sorted(unknown)}; allowed {sorted(known)}")
+        if "size" not in d:
+            raise SpecError("input.size is required")
+        norm = d.get("norm") or {}
+        try:
+            norm_spec = NormSpec(**norm)
+        except TypeError as e:
+            raise SpecError(f"input.norm: {e}") from None
+        return cls(
+            size=tuple(d["size"]),
+            n_slices=int(d.get("n_slices", 1)),
+            in_chans=int(d.get("in_chans", 1)),
+            crop_mm=None if d.get("crop_mm") is None else float(d["crop_mm"]),
+            norm=norm_spec,
+            extra=dict(d.get("extra") or {}),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["size"] = list(self.size)
+        return d
+
+
+@dataclass
+class ModelEntry:
+    """One trained model in the manifest.
+
+    ``family`` picks the code (see `STAGE1_FAMILIES`, `STAGE2_FAMILIES`); ``variant`` picks
+    the flavour inside it (e.g. ``"t2"``/``"t1"`` for sagittal keypoints, ``"spinal"`` for an
+    ROI grader); ``model_kwargs`` sets the head (documented per family). ``blend`` weights
+    are per condition group and used by stage-2 members only.
+    """
+
+    name: str
+    family: str
+    variant: str
+    arch: str
+    input: InputSpec
+    file: str
+    sha256: str = ""
+    fold: int = 0
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    blend: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def stage(self) -> int:
+        return 1 if self.family in STAGE1_FAMILIES else 2
+
+    def __post_init__(self) -> None:
+        if not self.name or not isinstance(self.name, str):
+            raise SpecError("model name must be a non-empty string")
+        if self.family not in FAMILIES:
+            raise SpecError(f"model {self.name!r}: unknown family {self.family!r}; expected one of {FAMILIES}")
+        for g, w in self.blend.items():
+            if g not in GROUPS:
+                raise SpecError(f"model {self.name!r}: blend group {g!r} unknown; expected {GROUPS}")
+            if not np.isfinite(float(w)) or float(w) < 0:
+                raise SpecError(f"model {self.name!r}: blend weight for {g!r} must be finite and >= 0, got {w}")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelEntry":
+        if not isinstance(d, dict):
+            raise SpecError(f"model entry must be an object, got {type(d).__name__}")
+        name = d.get("name", "<unnamed>")
+        required = ("name", "family", "variant", "arch", "input", "file")
+        missing = [k for k in required if k not in d]
+        if missing:
+            raise SpecError(f"model {name!r}: missing field(s) {missing}")
+        known = set(required) | {"sha256", "fold", "arch_kwargs", "model_kwargs", "blend", "stage"}
+        unknown = set(d) - known
+        if unknown:
+            raise SpecError(f"model {name!r}: unknown field(s) {sorted(unknown)}")
+        try:
+            spec = InputSpec.from_dict(d["input"])
+        except SpecError as e:
+            raise SpecError(f"model {name!r}: {e}") from None
+        entry = cls(
+            name=str(d["name"]),
+            family=str(d["family"]),
+            variant=str(d["variant"]),
+            arch=str(d["arch"]),
+            input=spec,
+            file=str(d["file"]),
+            sha256=str(d.get("sha256", "")),
+            fold=int(d.get("fold", 0)),
+            arch_kwargs=dict(d.get("arch_kwargs") or {}),
+            model_kwargs=dict(d.get("model_kwargs") or {}),
+            blend={str(k): float(v) for k, v in (d.get("blend") or {}).items()},
+        )
+        if "stage" in d and int(d["stage"]) != entry.stage:
+            raise SpecError(f"model {name!r}: stage {d['stage']} does not match family {entry.family!r} (stage {entry.stage})")
+        return entry
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "stage": self.stage,
+            "family": self.family,
+            "variant": self.variant,
+            "arch": self.arch,
+            "arch_kwargs": dict(self.arch_kwargs),
+            "model_kwargs": dict(self.model_kwargs),
+            "input": self.input.to_dict(),
+            "fold": self.fold,
+            "file": self.file,
+            "sha256": self.sha256,
+            "blend": dict(self.blend),
+        }

@@ -1,0 +1,1 @@
+"""Stage 1: keypoint models, their preprocessing and decoding."""

@@ -1,0 +1,1 @@
+"""Stage 2: crops around keypoints and the grading models."""
