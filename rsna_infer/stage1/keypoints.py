@@ -122,8 +122,10 @@ class StudyKeypoints:
 
     def best(self, kind: str, prefer: tuple[str, ...] = ()) -> KeypointSet | None:
         """Per point, the first valid one in ``prefer`` order, then any other set of ``kind``
-        by confidence. None when no set of that kind exists."""
-        keys = [k for k in prefer if k in self.sets and self.sets[k].kind == kind]
+        by confidence. A ground-truth set (``truth_<kind>``, present only in training) comes
+        before everything. None when no set of that kind exists."""
+        keys = [truth_key(kind)] if truth_key(kind) in self.sets else []
+        keys += [k for k in prefer if k in self.sets and self.sets[k].kind == kind and k not in keys]
         keys += [k for k, s in self.sets.items() if s.kind == kind and k not in keys and not k.startswith("truth_")]
         out: KeypointSet | None = None
         for k in keys:
