@@ -1,0 +1,192 @@
+"""What both stage-2 families share: option validation, keypoint preferences, per-volume
+normalisation and augmented cropping, zero inputs for missing views, and flip TTA."""
+
+from __future__ import annotations
+
+import logging
+from abc import abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+
+from ..family import GradingFamily, Sample
+from ..imaging import volume_bounds
+from ..specs import ModelEntry, SpecError
+from ..stage1.keypoints import POINT_KINDS
+from .augment import CropAugment
+from .crops import CropInfo, Located, crop_2d5
+from .tta import ViewAxes, mirror_sample_ap, run_tta
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..io.volume import Volume
+    from ..specs import NormSpec
+    from ..stage1.keypoints import KeypointSet, StudyKeypoints
+
+logger = logging.getLogger(__name__)
+
+#: model_kwargs every grading family accepts (with defaults).
+COMMON_KWARGS: dict[str, Any] = {
+    "prefer": None,  # {kind: [set keys]}: keypoint preference per kind (family defaults)
+    "tta_lr": False,  # add the left/right mirror (axial hflip) to flip TTA
+    "dropout": 0.0,
+}
+#: input.extra keys every grading family accepts (with defaults).
+COMMON_EXTRA: dict[str, Any] = {
+    "aug": None,  # CropAugment fields (training only)
+}
+
+
+def positive_number(v: Any, what: str) -> float:
+    """``float(v)``, failing fast with ``what`` in the message unless finite and > 0."""
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        raise SpecError(f"{what} must be a positive number, got {v!r}") from None
+    if not np.isfinite(f) or f <= 0:
+        raise SpecError(f"{what} must be a positive number, got {v!r}")
+    return f
+
+
+class CropContext:
+    """Crops for one ``prepare`` call: caches each volume's normalisation bounds (computed once
+    per volume) and applies training augmentation when an ``rng`` is given."""
+
+    def __init__(self, norm: NormSpec, augment: CropAugment, rng: np.random.Generator | None) -> None:
+        self.norm = norm
+        self.augment = augment
+        self.rng = rng
+        self._bounds: dict[int, tuple[float, float]] = {}
+
+    def bounds(self, volume: Volume) -> tuple[float, float]:
+        key = id(volume)
+        if key not in self._bounds:
+            self._bounds[key] = volume_bounds(volume, self.norm)
+        return self._bounds[key]
+
+    def crop(
+        self,
+        volume: Volume,
+        zyx: np.ndarray,
+        n_slices: int,
+        out_size: tuple[int, int],
+        crop_mm: float,
+    ) -> tuple[np.ndarray, CropInfo]:
+        unit_fn = None
+        if self.rng is not None:
+            zyx = self.augment.jitter(volume, zyx, self.rng)
+            crop_mm = crop_mm * self.augment.crop_scale(self.rng)
+            unit_fn = self.augment.intensity_fn(self.rng)
+        return crop_2d5(
+            volume, zyx, n_slices, out_size, crop_mm=crop_mm, norm=self.norm, bounds=self.bounds(volume), unit_transform=unit_fn
+        )
+
+    def crop_located(self, loc: Located, n_slices: int, out_size: tuple[int, int], crop_mm: float) -> tuple[np.ndarray, CropInfo]:
+        return self.crop(loc.volume, loc.zyx, n_slices, out_size, crop_mm)
+
+
+class GradingBase(GradingFamily):
+    """Validated options of a stage-2 family; subclasses declare what they accept.
+
+    Subclasses set ``VARIANTS``, ``MODEL_KWARGS`` (their own keys with defaults), ``EXTRA``
+    (``spec.extra`` keys with defaults) and ``DEFAULT_PREFER`` ({kind: set keys}), and
+    implement ``view_axes`` (flip behaviour of each batch entry) and ``input_shapes``.
+    """
+
+    VARIANTS: ClassVar[tuple[str, ...]]
+    MODEL_KWARGS: ClassVar[dict[str, Any]]
+    EXTRA: ClassVar[dict[str, Any]]
+    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]]
+
+    def __init__(self, entry: ModelEntry) -> None:
+        super().__init__(entry)
+        where = f"model {entry.name!r} ({self.name})"
+        if entry.variant not in self.VARIANTS:
+            raise SpecError(f"{where}: unknown variant {entry.variant!r}; expected one of {self.VARIANTS}")
+        allowed = {**COMMON_KWARGS, **self.MODEL_KWARGS}
+        unknown = set(entry.model_kwargs) - set(allowed)
+        if unknown:
+            raise SpecError(f"{where}: unknown model_kwargs {sorted(unknown)}; allowed {sorted(allowed)}")
+        self.kwargs: dict[str, Any] = {**allowed, **entry.model_kwargs}
+        extra = {**COMMON_EXTRA, **self.EXTRA}
+        unknown = set(self.spec.extra) - set(extra)
+        if unknown:
+            raise SpecError(f"{where}: unknown input.extra key(s) {sorted(unknown)}; allowed {sorted(extra)}")
+        self.extra: dict[str, Any] = {**extra, **self.spec.extra}
+        try:
+            self.augment = CropAugment.from_extra(self.extra)
+        except SpecError as e:
+            raise SpecError(f"{where}: {e}") from None
+        self.prefer = self._resolve_prefer(where)
+        self.tta_lr = bool(self.kwargs["tta_lr"])
+        dropout = float(self.kwargs["dropout"])
+        if not 0.0 <= dropout < 1.0:
+            raise SpecError(f"{where}: model_kwargs.dropout must be in [0, 1), got {dropout}")
+        size = self.spec.size
+        if len(size) == 3 and size[0] != self.spec.n_slices:
+            raise SpecError(f"{where}: input.size {list(size)} is (D, H, W) but D != n_slices {self.spec.n_slices}")
+        self.out_size: tuple[int, int] = (int(size[-2]), int(size[-1]))
+        self.where = where
+
+    def _resolve_prefer(self, where: str) -> dict[str, tuple[str, ...]]:
+        given = self.kwargs["prefer"] or {}
+        if not isinstance(given, dict):
+            raise SpecError(f"{where}: model_kwargs.prefer must map a keypoint kind to a list of set keys")
+        bad = set(given) - set(POINT_KINDS)
+        if bad:
+            raise SpecError(f"{where}: model_kwargs.prefer has unknown kind(s) {sorted(bad)}; expected {sorted(POINT_KINDS)}")
+        out = dict(self.DEFAULT_PREFER)
+        for kind, keys in given.items():
+            if isinstance(keys, str) or not all(isinstance(k, str) for k in keys):
+                raise SpecError(f"{where}: model_kwargs.prefer[{kind!r}] must be a list of set keys, got {keys!r}")
+            out[kind] = tuple(keys)
+        return out
+
+    def _require_chans(self, want: int, why: str) -> None:
+        if self.spec.in_chans != want:
+            raise SpecError(f"{self.where}: input.in_chans must be {want} ({why}), got {self.spec.in_chans}")
+
+    def best_points(self, keypoints: StudyKeypoints | None, kind: str) -> KeypointSet | None:
+        if keypoints is None:
+            return None
+        return keypoints.best(kind, prefer=self.prefer.get(kind, ()))
+
+    def crop_context(self, rng: np.random.Generator | None) -> CropContext:
+        return CropContext(self.spec.norm, self.augment, rng)
+
+    # -- batches ------------------------------------------------------------------------
+    @abstractmethod
+    def view_axes(self) -> dict[str, ViewAxes]:
+        """Flip behaviour of each batch entry (see `rsna_infer.stage2.tta`)."""
+
+    @abstractmethod
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Per-sample shape of each batch entry (no batch axis)."""
+
+    def zero_inputs(self) -> dict[str, np.ndarray]:
+        """Zeros of every entry: the defined input of a missing view."""
+        return {k: np.zeros(s, dtype=np.float32) for k, s in self.input_shapes().items()}
+
+    def finish(self, study_id: int, inputs: dict[str, np.ndarray], mask: np.ndarray, meta: dict[str, Any], rng: np.random.Generator | None) -> Sample:
+        """The sample, mirrored anterior/posterior at random when training (``meta["ap_mirrored"]``)."""
+        mirrored = rng is not None and self.augment.mirror_ap(rng)
+        if mirrored:
+            inputs = mirror_sample_ap(inputs, self.view_axes())
+        meta = {"family": self.name, "variant": self.entry.variant, "model": self.entry.name, **meta, "ap_mirrored": mirrored}
+        return Sample(int(study_id), inputs, meta, mask)
+
+    def example_batch(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
+        import torch
+
+        out = {}
+        for k, s in self.input_shapes().items():
+            fill = torch.ones if k.endswith("present") else torch.zeros
+            out[k] = fill((batch_size, *s), dtype=torch.float32)
+        return out
+
+    def run(self, model: nn.Module, batch: dict[str, torch.Tensor], tta: bool = False) -> torch.Tensor:
+        """Canonical logits ``[B, 5, 5, 3]``; with ``tta`` averaged over the ap mirror (and the
+        lr mirror when ``model_kwargs.tta_lr``), left/right swapped back."""
+        return run_tta(model, batch, self.view_axes(), tta=tta, lr=self.tta_lr)

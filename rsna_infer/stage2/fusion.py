@@ -1,0 +1,233 @@
+"""model1, three-view fusion (family ``fusion``, variant ``default``).
+
+Per level, five sagittal crops (one per condition) and one axial crop:
+
+====================  =============  ==================================================
+condition slot        series         centre
+====================  =============  ==================================================
+spinal                Sagittal T2    spinal keypoint (its slice: the T2 centre slices)
+left/right foraminal  Sagittal T1    that side's foraminal keypoint (its own slice)
+left/right subartic.  Sagittal T2    that side's subarticular keypoint mapped into T2
+                                     through patient coordinates (the paramedian
+                                     slices); falls back to the spinal crop
+axial (per level)     Axial T2       midpoint of the level's left/right subarticular
+                                     keypoints in the stack of the more confident one;
+                                     falls back to the spinal keypoint projected into
+                                     an axial stack that covers it
+====================  =============  ==================================================
+
+Network: a 2.5-D sagittal backbone (slices as channels) whose features are gated by a
+condition (+ level) embedding, projected to ``emb_dim`` and read by a per-condition head
+(the sagittal logits); an axial encoder runs each slice through a 1-channel backbone and a
+bidirectional GRU across the slices. Per level, the five sagittal embeddings and the axial
+one are concatenated and a linear layer gives 5 conditions x 3 classes, added to the
+sagittal logits. Missing crops are zeros and their embeddings are zeroed by the presence
+flags, so the network never sees garbage and never produces NaN.
+
+A target is predicted (``Sample.mask``) when the crop of the series it is graded on exists:
+spinal -> the spinal T2 crop, foraminal -> that side's T1 crop, subarticular -> the level's
+axial crop.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..backbones import create_backbone
+from ..constants import AXIAL_T2, LEVEL_TO_COORD_LEVEL, LEVELS, LR_SWAP, N_CLASSES, N_CONDITIONS, N_LEVELS, SAG_T1, SAG_T2
+from ..family import Sample
+from ..specs import SpecError
+from .base import GradingBase, positive_number
+from .crops import Located, locate_point
+from .layers import ConditionGate, SliceSequenceEncoder
+from .tta import ViewAxes
+
+if TYPE_CHECKING:
+    from ..io.volume import Study
+    from ..stage1.keypoints import KeypointSet, StudyKeypoints
+
+logger = logging.getLogger(__name__)
+
+#: Default physical crop sides (mm): sagittal crops (``input.crop_mm``) and axial crops
+#: (``input.extra.axial_crop_mm``, wide enough for both subarticular zones and the canal).
+DEFAULT_SAG_CROP_MM = 48.0
+DEFAULT_AXIAL_CROP_MM = 64.0
+
+
+class FusionFamily(GradingBase):
+    """Three-view fusion grader; see the module docstring for crops and network.
+
+    ``model_kwargs``: ``emb_dim`` (128), ``gru_hidden`` (64), ``axial_arch`` (None: same as
+    ``arch``), ``dropout`` (0.0), ``prefer`` ({kind: set keys}), ``tta_lr`` (False).
+    ``input``: ``size`` (H, W) of sagittal crops,
+    ``n_slices`` sagittal slices (= ``in_chans``), ``crop_mm`` sagittal side; ``extra``:
+    ``axial_crop_mm`` (64), ``axial_size`` ([H, W], default ``size``), ``axial_slices``
+    (default ``n_slices``), ``aug`` (training augmentation, `CropAugment`).
+    """
+
+    name = "fusion"
+    VARIANTS: ClassVar[tuple[str, ...]] = ("default",)
+    MODEL_KWARGS: ClassVar[dict[str, Any]] = {"emb_dim": 128, "gru_hidden": 64, "axial_arch": None}
+    EXTRA: ClassVar[dict[str, Any]] = {"axial_crop_mm": DEFAULT_AXIAL_CROP_MM, "axial_size": None, "axial_slices": None}
+    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = {
+        "spinal": ("sag2d_t2", "sag3d_t2"),
+        "foraminal": ("sag2d_t1", "sag3d_t1"),
+        "subarticular": ("axial3d", "axial_level", "projection"),
+    }
+
+    def __init__(self, entry: Any) -> None:
+        super().__init__(entry)
+        self._require_chans(self.spec.n_slices, "the sagittal encoder reads the slices as channels")
+        self.sag_crop_mm = float(self.spec.crop_mm or DEFAULT_SAG_CROP_MM)
+        self.axial_crop_mm = positive_number(self.extra["axial_crop_mm"], f"{self.where}: input.extra.axial_crop_mm")
+        ax_size = self.extra["axial_size"] or self.out_size
+        if len(ax_size) != 2 or min(int(s) for s in ax_size) < 1:
+            raise SpecError(f"{self.where}: input.extra.axial_size must be [H, W] of positive ints, got {ax_size}")
+        self.axial_size = (int(ax_size[0]), int(ax_size[1]))
+        self.axial_slices = int(self.extra["axial_slices"] or self.spec.n_slices)
+        if self.axial_slices < 1:
+            raise SpecError(f"{self.where}: input.extra.axial_slices must be >= 1, got {self.axial_slices}")
+        for key in ("emb_dim", "gru_hidden"):
+            if int(self.kwargs[key]) < 1:
+                raise SpecError(f"{self.where}: model_kwargs.{key} must be >= 1, got {self.kwargs[key]}")
+
+    # -- shapes and flips ----------------------------------------------------------------
+    def input_shapes(self) -> dict[str, tuple[int, ...]]:
+        s, (h, w) = self.spec.n_slices, self.out_size
+        return {
+            "sag": (N_CONDITIONS, N_LEVELS, s, h, w),
+            "sag_present": (N_CONDITIONS, N_LEVELS),
+            "axial": (N_LEVELS, self.axial_slices, *self.axial_size),
+            "axial_present": (N_LEVELS,),
+        }
+
+    def view_axes(self) -> dict[str, ViewAxes]:
+        return {
+            "sag": ViewAxes("sagittal", LR_SWAP),
+            "sag_present": ViewAxes(None, LR_SWAP),
+            "axial": ViewAxes("axial", None),
+            "axial_present": ViewAxes(None, None),
+        }
+
+    # -- model ----------------------------------------------------------------------------
+    def build(self) -> nn.Module:
+        return FusionNet(
+            arch=self.entry.arch,
+            axial_arch=self.kwargs["axial_arch"] or self.entry.arch,
+            n_slices=self.spec.n_slices,
+            emb_dim=int(self.kwargs["emb_dim"]),
+            gru_hidden=int(self.kwargs["gru_hidden"]),
+            dropout=float(self.kwargs["dropout"]),
+            arch_kwargs=self.entry.arch_kwargs,
+        )
+
+    # -- inputs ---------------------------------------------------------------------------
+    def prepare(
+        self,
+        study: Study,
+        keypoints: StudyKeypoints | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[Sample]:
+        spinal = self.best_points(keypoints, "spinal")
+        foraminal = self.best_points(keypoints, "foraminal")
+        subart = self.best_points(keypoints, "subarticular")
+        ctx = self.crop_context(rng)
+        inputs = self.zero_inputs()
+        crops_meta: dict[str, list[Any]] = {"sag": [[None] * N_LEVELS for _ in range(N_CONDITIONS)], "axial": [None] * N_LEVELS}
+        missing: list[str] = []
+
+        for lv in range(N_LEVELS):
+            slots: list[Located | None] = [locate_point(study, SAG_T2, spinal, lv)]
+            slots += [locate_point(study, SAG_T1, foraminal, side * N_LEVELS + lv) for side in (0, 1)]
+            for side in (0, 1):  # paramedian T2 slices through the subarticular point, else the canal
+                slots.append(locate_point(study, SAG_T2, subart, side * N_LEVELS + lv) or slots[0])
+            for c, loc in enumerate(slots):
+                if loc is None:
+                    continue
+                arr, info = ctx.crop_located(loc, self.spec.n_slices, self.out_size, self.sag_crop_mm)
+                inputs["sag"][c, lv] = arr
+                inputs["sag_present"][c, lv] = 1.0
+                crops_meta["sag"][c][lv] = info
+            ax = self._axial_centre(study, subart, spinal, lv)
+            if ax is not None:
+                arr, info = ctx.crop(ax[0], ax[1], self.axial_slices, self.axial_size, self.axial_crop_mm)
+                inputs["axial"][lv] = arr
+                inputs["axial_present"][lv] = 1.0
+                crops_meta["axial"][lv] = info
+            name = LEVEL_TO_COORD_LEVEL[LEVELS[lv]]
+            for c, what in ((0, "spinal T2"), (1, "left foraminal T1"), (2, "right foraminal T1")):
+                if not inputs["sag_present"][c, lv]:
+                    missing.append(f"{what} {name}")
+            if not inputs["axial_present"][lv]:
+                missing.append(f"axial {name}")
+
+        mask = np.zeros((N_CONDITIONS, N_LEVELS), dtype=bool)
+        mask[0:3] = inputs["sag_present"][0:3] > 0
+        mask[3:5] = inputs["axial_present"][None, :] > 0
+        if missing:
+            logger.debug("study %s fusion: no crop for %s", study.study_id, ", ".join(missing))
+        if not mask.any():
+            logger.info("study %s: fusion model %s has no view to grade (no keypoints/series)", study.study_id, self.entry.name)
+            return []
+        return [self.finish(study.study_id, inputs, mask, {"crops": crops_meta, "missing": missing}, rng)]
+
+    def _axial_centre(
+        self, study: Study, subart: KeypointSet | None, spinal: KeypointSet | None, level: int
+    ) -> tuple[Any, np.ndarray] | None:
+        """(axial volume, voxel centre) of ``level``'s axial crop, or None."""
+        found = [loc for side in (0, 1) if (loc := locate_point(study, AXIAL_T2, subart, side * N_LEVELS + level))]
+        if found:
+            best = max(found, key=lambda loc: loc.confidence)
+            vol = best.volume
+            worlds = [loc.world for loc in found if bool(vol.contains(loc.world, margin_mm=self.axial_crop_mm / 2))]
+            return vol, vol.to_voxel(np.mean(worlds, axis=0))
+        loc = locate_point(study, AXIAL_T2, spinal, level, margin_mm=0.0)
+        if loc is not None:
+            logger.debug("study %s level %s: axial crop centred on the projected spinal keypoint", study.study_id, LEVELS[level])
+            return loc.volume, loc.zyx
+        return None
+
+
+class FusionNet(nn.Module):
+    """Condition-gated sagittal encoder + axial slice-GRU encoder, fused per level;
+    ``forward(batch) -> [B, 5, 5, 3]`` canonical logits."""
+
+    def __init__(
+        self,
+        arch: str,
+        axial_arch: str,
+        n_slices: int,
+        emb_dim: int = 128,
+        gru_hidden: int = 64,
+        dropout: float = 0.0,
+        arch_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        kw = dict(arch_kwargs or {})
+        self.sag_backbone = create_backbone(arch, dims=2, in_chans=n_slices, **kw)
+        feats = int(self.sag_backbone.num_features)
+        self.gate = ConditionGate(feats)
+        self.sag_proj = nn.Sequential(nn.Linear(feats, emb_dim), nn.GELU())
+        self.sag_head = nn.Sequential(nn.Dropout(dropout), nn.Linear(emb_dim, N_CLASSES))
+        self.axial = SliceSequenceEncoder(create_backbone(axial_arch, dims=2, in_chans=1, **kw), gru_hidden)
+        fused_in = N_CONDITIONS * emb_dim + self.axial.out_dim
+        self.fuse = nn.Sequential(nn.Dropout(dropout), nn.Linear(fused_in, N_CONDITIONS * N_CLASSES))
+        self.register_buffer("cond_index", torch.arange(N_CONDITIONS).repeat_interleave(N_LEVELS), persistent=False)
+        self.register_buffer("level_index", torch.arange(N_LEVELS).repeat(N_CONDITIONS), persistent=False)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        sag = batch["sag"]  # [B, 5 cond, 5 level, S, H, W]
+        b = sag.shape[0]
+        f = self.sag_backbone(sag.flatten(0, 2))  # [B*25, F]
+        f = self.gate(f, self.cond_index.repeat(b), self.level_index.repeat(b))
+        emb = self.sag_proj(f).view(b, N_CONDITIONS, N_LEVELS, -1) * batch["sag_present"][..., None]
+        sag_logits = self.sag_head(emb)  # [B, 5, 5, 3]
+        ax = self.axial(batch["axial"].flatten(0, 1)).view(b, N_LEVELS, -1) * batch["axial_present"][..., None]
+        per_level = torch.cat([emb.permute(0, 2, 1, 3).reshape(b, N_LEVELS, -1), ax], dim=-1)
+        fused = self.fuse(per_level).view(b, N_LEVELS, N_CONDITIONS, N_CLASSES).permute(0, 2, 1, 3)
+        return sag_logits + fused
