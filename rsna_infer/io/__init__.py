@@ -1,5 +1,49 @@
-"""DICOM reading and study discovery: everything that touches files lives here."""
+"""DICOM reading and study discovery: everything that touches files lives here.
 
-from .volume import Study, Volume
+Typical use::
 
-__all__ = ["Study", "Volume"]
+    from rsna_infer.io import discover_studies, load_study
+    for ref in discover_studies("/kaggle/input/rsna-2024-...", split="test"):
+        study = load_study(ref)           # Study: volumes by series type, warnings
+        sag_t2 = study.first("Sagittal T2/STIR")
+
+`read_series` decodes one folder into its stacks; `rsna_infer.geometry` maps points
+between them.
+"""
+
+from .volume import Study, Volume  # noqa: I001  (first: the modules below import it)
+from .dicom import DECODER_HINT, MissingDecoderError, SliceRecord, decoder_problem, read_slice
+from .parallel import DEFAULT_PARALLEL, PARALLEL_MODES, decode_files, default_workers, make_executor
+from .series import list_series_files, read_series, series_from_records
+from .stacks import build_stacks
+from .discovery import SeriesRef, StudyRef, discover_studies, images_dir, infer_series_type, infer_series_type_from_folder
+from .study import load_study
+from .writer import write_slice, write_volume
+
+__all__ = [
+    "DECODER_HINT",
+    "DEFAULT_PARALLEL",
+    "PARALLEL_MODES",
+    "MissingDecoderError",
+    "SeriesRef",
+    "SliceRecord",
+    "Study",
+    "StudyRef",
+    "Volume",
+    "build_stacks",
+    "decode_files",
+    "decoder_problem",
+    "default_workers",
+    "discover_studies",
+    "images_dir",
+    "infer_series_type",
+    "infer_series_type_from_folder",
+    "list_series_files",
+    "load_study",
+    "make_executor",
+    "read_series",
+    "read_slice",
+    "series_from_records",
+    "write_slice",
+    "write_volume",
+]

@@ -1,0 +1,240 @@
+"""Find the studies and series of a Kaggle-layout root without decoding any pixels.
+
+Layout: ``{root}/{split}_images/{study_id}/{series_id}/*.dcm`` and
+``{root}/{split}_series_descriptions.csv`` (``study_id, series_id, series_description``).
+The CSV is the list of record: every study in it is returned (so it gets submission rows even
+with no images at all); a listed series whose folder is missing or empty is recorded, not
+fatal; folders the CSV does not name are ignored. Without a CSV, the series type is inferred
+from one header per series (orientation -> sagittal/axial; description, echo and repetition
+time -> T1 vs T2/STIR).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..constants import AXIAL_T2, SAG_T1, SAG_T2, SERIES_TYPES
+from ..geometry import plane_of
+from .dicom import SliceRecord, read_slice
+from .series import list_series_files
+
+logger = logging.getLogger(__name__)
+
+#: Sagittal series with TE and TR at most these (ms) are T1-weighted; longer is T2/STIR.
+T1_MAX_ECHO_MS = 40.0
+T1_MAX_REPETITION_MS = 1500.0
+#: Inversion recovery with TI at most this (ms) is STIR; longer TI with a short TE is T1-FLAIR.
+STIR_MAX_INVERSION_MS = 400.0
+#: Header files tried per series when inferring its type.
+HEADERS_PER_SERIES = 3
+
+
+@dataclass
+class SeriesRef:
+    """One series of a study. ``problem`` is ``None`` when its folder holds files."""
+
+    study_id: int
+    series_id: int
+    description: str | None  # one of SERIES_TYPES, or None when unknown
+    path: Path | None  # the series folder (None when the study folder is missing)
+    n_files: int = 0
+    problem: str | None = None  # "missing folder" | "empty folder" | None
+
+    @property
+    def readable(self) -> bool:
+        return self.problem is None
+
+
+@dataclass
+class StudyRef:
+    """One study: its folder (``None`` if absent) and series in CSV (or folder) order."""
+
+    study_id: int
+    path: Path | None
+    series: list[SeriesRef] = field(default_factory=list)
+
+    def of_type(self, series_type: str) -> list[SeriesRef]:
+        return [s for s in self.series if s.description == series_type]
+
+    @property
+    def problems(self) -> list[str]:
+        """One line per series that cannot be read and per series type without any series."""
+        out = [f"series {s.series_id} ({s.description}): {s.problem}" for s in self.series if s.problem]
+        out += [f"no {t} series" for t in SERIES_TYPES if not any(s.readable for s in self.of_type(t))]
+        return out
+
+
+def images_dir(root: str | Path, split: str = "test") -> Path:
+    """``{root}/{split}_images``, or ``root`` itself when it already is the images folder."""
+    root = Path(root)
+    d = root / f"{split}_images"
+    return d if d.is_dir() else root
+
+
+def discover_studies(
+    root: str | Path, split: str = "test", series_csv: str | Path | None = None
+) -> list[StudyRef]:
+    """Studies under ``root`` sorted by study id.
+
+    ``series_csv`` defaults to ``{root}/{split}_series_descriptions.csv`` when that exists;
+    with no CSV, every numeric study/series folder is used and its type read from headers.
+    """
+    root = Path(root)
+    if series_csv is None:
+        candidate = root / f"{split}_series_descriptions.csv"
+        series_csv = candidate if candidate.is_file() else None
+    img = images_dir(root, split)
+    if series_csv is not None:
+        return _from_csv(img, Path(series_csv))
+    if not img.is_dir():
+        raise FileNotFoundError(
+            f"no {split}_series_descriptions.csv and no image folder at {img}: point root at the "
+            f"competition folder that holds {split}_images/"
+        )
+    logger.info("no series CSV under %s: series types inferred from DICOM headers", root)
+    return _from_folders(img)
+
+
+def _from_csv(img: Path, csv_path: Path) -> list[StudyRef]:
+    import pandas as pd
+
+    df = pd.read_csv(csv_path, dtype={"series_description": str})
+    need = {"study_id", "series_id", "series_description"}
+    if not need.issubset(df.columns):
+        raise ValueError(f"{csv_path} must have columns {sorted(need)}; found {list(df.columns)}")
+    bad = df["study_id"].isna() | df["series_id"].isna()
+    if bad.any():
+        logger.warning("%s: %d row(s) without a study or series id skipped", csv_path.name, int(bad.sum()))
+        df = df[~bad]
+    studies: dict[int, StudyRef] = {}
+    for row in df.itertuples(index=False):
+        sid, ser = int(row.study_id), int(row.series_id)
+        desc = _clean_description(row.series_description)
+        st = studies.get(sid)
+        if st is None:
+            sdir = img / str(sid)
+            st = studies[sid] = StudyRef(study_id=sid, path=sdir if sdir.is_dir() else None)
+        if any(s.series_id == ser for s in st.series):
+            logger.debug("study %s: series %s listed twice in %s", sid, ser, csv_path.name)
+            continue
+        st.series.append(_series_ref(st, ser, desc))
+    for st in studies.values():
+        if st.path is None:
+            logger.warning("study %s: folder missing under %s; it will get fallback rows", st.study_id, img)
+            continue
+        named = {str(s.series_id) for s in st.series}
+        for extra in sorted(p.name for p in st.path.iterdir() if p.is_dir() and p.name not in named):
+            logger.debug("study %s: folder %s not in %s; ignored", st.study_id, extra, csv_path.name)
+    if img.is_dir():
+        for p in img.iterdir():
+            if p.is_dir() and p.name.isdigit() and int(p.name) not in studies:
+                logger.debug("study folder %s not in %s; ignored", p.name, csv_path.name)
+    return [studies[k] for k in sorted(studies)]
+
+
+def _clean_description(value: object) -> str | None:
+    if not isinstance(value, str) or not value.strip():
+        return None
+    v = value.strip()
+    for t in SERIES_TYPES:
+        if v.lower() == t.lower():
+            return t
+    return v
+
+
+def _series_ref(st: StudyRef, series_id: int, desc: str | None) -> SeriesRef:
+    path = st.path / str(series_id) if st.path is not None else None
+    ref = SeriesRef(study_id=st.study_id, series_id=series_id, description=desc, path=path)
+    if path is None or not path.is_dir():
+        ref.problem = "missing folder"
+    else:
+        ref.n_files = len(list_series_files(path))
+        if ref.n_files == 0:
+            ref.problem = "empty folder"
+    if ref.problem:
+        logger.warning("study %s series %s (%s): %s", st.study_id, series_id, desc, ref.problem)
+    return ref
+
+
+def _from_folders(img: Path) -> list[StudyRef]:
+    studies = []
+    for sdir in sorted((p for p in img.iterdir() if p.is_dir()), key=lambda p: (not p.name.isdigit(), p.name)):
+        if not sdir.name.isdigit():
+            logger.warning("folder %s is not a numeric study id; skipped", sdir)
+            continue
+        st = StudyRef(study_id=int(sdir.name), path=sdir)
+        for ser_dir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+            if not ser_dir.name.isdigit():
+                logger.warning("study %s: folder %s is not a numeric series id; skipped", st.study_id, ser_dir.name)
+                continue
+            ref = _series_ref(st, int(ser_dir.name), None)
+            if ref.readable:
+                ref.description = infer_series_type_from_folder(ser_dir)
+            st.series.append(ref)
+        studies.append(st)
+    return sorted(studies, key=lambda s: s.study_id)
+
+
+def infer_series_type_from_folder(series_dir: str | Path) -> str | None:
+    """Series type from the headers of up to `HEADERS_PER_SERIES` files (no pixels read)."""
+    headers: list[SliceRecord] = []
+    for p in list_series_files(series_dir):
+        rec = read_slice(p, pixels=False)
+        if rec.ok:
+            headers.append(rec)
+            if len(headers) >= HEADERS_PER_SERIES:
+                break
+    t = infer_series_type(headers)
+    logger.debug("series %s: inferred type %s", Path(series_dir).name, t)
+    return t
+
+
+def infer_series_type(headers: list[SliceRecord]) -> str | None:
+    """'Sagittal T1' | 'Sagittal T2/STIR' | 'Axial T2' from header fields, or None (coronal, no IOP).
+
+    Orientation decides the plane. For sagittal series the description decides when it
+    names the weighting (T1 / T2 / STIR); otherwise a short inversion time means STIR, and a
+    short echo time with a short repetition time (or a long inversion time: T1-FLAIR) means T1.
+    """
+    oriented = [h for h in headers if h.orientation is not None]
+    if not oriented:
+        return _type_from_text(" ".join(h.series_description or "" for h in headers))
+    planes = Counter(plane_of(np.cross(h.orientation[:3], h.orientation[3:])) for h in oriented)
+    plane = planes.most_common(1)[0][0]
+    if plane == "axial":
+        return AXIAL_T2
+    if plane != "sagittal":
+        return None
+    h = oriented[0]
+    text = (h.series_description or "").upper()
+    if "STIR" in text or "T2" in text:
+        return SAG_T2
+    if "T1" in text:
+        return SAG_T1
+    inversion = h.inversion_time is not None or bool(
+        h.scanning_sequence and "IR" in h.scanning_sequence.split("\\")
+    )
+    if inversion and h.inversion_time is not None and h.inversion_time <= STIR_MAX_INVERSION_MS:
+        return SAG_T2  # STIR
+    if h.echo_time is not None:
+        short_tr = h.repetition_time is None or h.repetition_time <= T1_MAX_REPETITION_MS
+        t1_flair = inversion and (h.inversion_time or 0.0) > STIR_MAX_INVERSION_MS
+        return SAG_T1 if h.echo_time <= T1_MAX_ECHO_MS and (short_tr or t1_flair) else SAG_T2
+    return SAG_T2 if inversion else None
+
+
+def _type_from_text(text: str) -> str | None:
+    t = text.upper()
+    if "AX" in t:
+        return AXIAL_T2
+    if "SAG" in t:
+        if "STIR" in t or "T2" in t:
+            return SAG_T2
+        if "T1" in t:
+            return SAG_T1
+    return None
