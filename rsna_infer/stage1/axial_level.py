@@ -1,0 +1,361 @@
+"""Axial level classifier (z per side and level) and the axial (x, y) regressor on its slices.
+
+`AxialLevelFamily` (``axial_level``): every slice of an axial stack, with ``input.n_slices``
+neighbouring slices as channels (2.5-D), goes through a 2-D CNN; a bidirectional LSTM (and
+self-attention, ``model_kwargs.attention``) over the slices gives, per slice and side, the
+probabilities of the 5 levels and "none". Per stack, side and level: z = the
+probability-weighted source slice index within ``model_kwargs.z_window`` slices of the most
+probable slice, confidence = that maximum probability; (x, y) = the slice centre. Several
+stacks / series: the most confident per (side, level) wins (`merge_sets`).
+
+`AxialXYFamily` (``axial_xy``, set key ``"axial_level"`` too): one sample per chosen slice
+(the stack slice nearest each level point of the ``axial_level`` set, or, for training
+without predictions, of ``truth_subarticular``) with neighbours as channels; a 2-D model
+regresses the left and right (x, y). `merge_sets` writes the refined (x, y) into the
+``axial_level`` set (z and confidence kept). Run it after ``axial_level``.
+
+Side is decided in patient coordinates: stacks are put in canonical axial orientation
+(columns toward patient left) before the model sees them.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+
+from ..backbones import create_backbone
+from ..constants import AXIAL_T2, N_LEVELS
+from ..family import Sample
+from ..imaging import (
+    AP_AXIS,
+    LATERAL_AXIS,
+    canonical_slice_index,
+    orient,
+    prepare_slices,
+    sample_slice_indices,
+    source_slice_index,
+    view_alignment,
+)
+from ..specs import SpecError
+from .common import MIN_VIEW_ALIGNMENT, POINT_MODEL_KWARGS, PointFamily, Stage1Family
+from .keypoints import KeypointSet, StudyKeypoints, truth_key
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from ..io.volume import Study, Volume
+
+logger = logging.getLogger(__name__)
+
+NONE_CLASS = N_LEVELS  # class index of "no level on this slice"
+N_CLASSES = N_LEVELS + 1
+
+
+def _check_channels(family: Stage1Family) -> None:
+    spec, name = family.spec, family.entry.name
+    if len(spec.size) != 2:
+        raise SpecError(f"model {name!r}: {family.name} needs input.size (H, W), got {list(spec.size)}")
+    if spec.n_slices % 2 != 1 or spec.in_chans != spec.n_slices:
+        raise SpecError(f"model {name!r}: {family.name} feeds each slice with its neighbours as channels: "
+                        f"input.n_slices must be odd and input.in_chans equal to it, got n_slices={spec.n_slices}, "
+                        f"in_chans={spec.in_chans}")
+
+
+class AxialLevelFamily(Stage1Family):
+    """Per-slice level classification over axial stacks -> z and confidence per (side, level)."""
+
+    name = "axial_level"
+    view = "axial"
+    extra_keys = ("aug", "max_slices")
+    model_kwarg_keys = ("hidden", "attention", "heads", "dropout", "z_window", "tta_lr", "none_weight")
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_channels(self)
+        if int(self.spec.extra.get("max_slices", 0)) < 0:
+            raise SpecError(f"model {self.entry.name!r}: input.extra.max_slices must be >= 0 (0 = every slice)")
+        if self._kw("z_window", 2) < 0:
+            raise SpecError(f"model {self.entry.name!r}: model_kwargs.z_window must be >= 0")
+
+    @property
+    def kind(self) -> str:
+        return "subarticular"
+
+    # -- network ------------------------------------------------------------------------
+    def build(self) -> "nn.Module":
+        from .nets import SliceLevelNet
+
+        kw = self.entry.model_kwargs
+        backbone = create_backbone(self.entry.arch, dims=2, in_chans=self.spec.n_slices, **self.entry.arch_kwargs)
+        return SliceLevelNet(
+            backbone,
+            self.spec.n_slices,
+            hidden=int(kw.get("hidden", 64)),
+            attention=bool(kw.get("attention", True)),
+            heads=int(kw.get("heads", 4)),
+            dropout=float(kw.get("dropout", 0.0)),
+            n_sides=2,
+            n_classes=N_CLASSES,
+        )
+
+    def example_batch(self, batch_size: int = 2) -> dict[str, "torch.Tensor"]:
+        import torch
+
+        s = max(3, self.spec.n_slices)
+        return {"image": torch.randn(batch_size, s, *self.spec.size), "slice_mask": torch.ones(batch_size, s, dtype=torch.bool)}
+
+    def collate(self, samples: list[Sample]) -> dict[str, "torch.Tensor"]:
+        """Stacks of different lengths padded to the longest, with ``slice_mask`` marking real slices."""
+        import torch
+
+        s_max = max(len(s.inputs["image"]) for s in samples)
+        h, w = samples[0].inputs["image"].shape[1:]
+        image = np.zeros((len(samples), s_max, h, w), np.float32)
+        mask = np.zeros((len(samples), s_max), bool)
+        for i, s in enumerate(samples):
+            n = len(s.inputs["image"])
+            image[i, :n], mask[i, :n] = s.inputs["image"], True
+        return {"image": torch.from_numpy(image), "slice_mask": torch.from_numpy(mask)}
+
+    def collate_targets(self, targets: list[dict[str, np.ndarray]]) -> dict[str, "torch.Tensor"]:
+        """``cls`` padded with -1 (ignored) to the longest stack, like `collate`."""
+        import torch
+
+        s_max = max(len(t["cls"]) for t in targets)
+        cls = np.full((len(targets), s_max, 2), -1, np.int64)
+        for i, t in enumerate(targets):
+            cls[i, : len(t["cls"])] = t["cls"]
+        return {"cls": torch.from_numpy(cls)}
+
+    def run(self, model: "nn.Module", batch: dict[str, "torch.Tensor"], tta: bool = False) -> "torch.Tensor":
+        """``[B, S, 2 sides, 6]`` probabilities (5 levels + none); zero on padded slices."""
+        out = self._probs(model, batch)
+        if not tta:
+            return out
+        outs = [out, self._probs(model, dict(batch, image=batch["image"].flip(AP_AXIS[self.view] - 3)))]
+        if self.entry.model_kwargs.get("tta_lr", False):  # a left/right mirror swaps the sides
+            outs.append(self._probs(model, dict(batch, image=batch["image"].flip(LATERAL_AXIS[self.view] - 3))).flip(2))
+        return sum(outs) / len(outs)
+
+    @staticmethod
+    def _probs(model: "nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        import torch
+
+        logits = model(batch).float()
+        probs = torch.softmax(logits, dim=-1)
+        mask = batch.get("slice_mask")
+        return probs if mask is None else probs * mask.to(probs.device)[:, :, None, None]
+
+    def loss(self, output: "torch.Tensor", targets: dict[str, "torch.Tensor"]) -> "torch.Tensor":
+        """Cross entropy per slice and side (targets -1 ignored; "none" weighted by ``none_weight``)."""
+        import torch
+        import torch.nn.functional as F
+
+        cls = targets["cls"].to(output.device)
+        s = min(output.shape[1], cls.shape[1])
+        logits, cls = output[:, :s].float().reshape(-1, N_CLASSES), cls[:, :s].reshape(-1)
+        if not bool((cls >= 0).any()):
+            return output.sum() * 0.0
+        weight = torch.ones(N_CLASSES, device=output.device)
+        weight[NONE_CLASS] = self._kw("none_weight", 1.0)
+        return F.cross_entropy(logits, cls, weight=weight, ignore_index=-1)
+
+    # -- data ---------------------------------------------------------------------------
+    def prepare(
+        self,
+        study: "Study",
+        keypoints: StudyKeypoints | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[Sample]:
+        samples = []
+        max_slices = int(self.spec.extra.get("max_slices", 0))
+        for vol in self.volumes(study, AXIAL_T2):
+            n = vol.shape[0]
+            idx = np.unique(sample_slice_indices(n, max_slices)) if 0 < max_slices < n else np.arange(n)
+            prep = prepare_slices(vol, self.view, idx, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
+            src = source_slice_index(prep.transform, idx)
+            samples.append(Sample(study.study_id, {"image": prep.image}, self.base_meta(vol, prep.transform, source_slices=src)))
+        return samples
+
+    def decode(self, output: np.ndarray, sample: Sample, study: "Study") -> KeypointSet:
+        vol = self.find_volume(sample, study)
+        src = np.asarray(sample.meta["source_slices"], dtype=np.float64)
+        probs = np.asarray(output, dtype=np.float64)[: len(src)]
+        if sample.meta["transform"].lr_swapped:
+            probs = probs[:, ::-1]
+        window = int(self._kw("z_window", 2))
+        voxel = np.full((2 * N_LEVELS, 3), np.nan)
+        conf = np.zeros(2 * N_LEVELS)
+        centre = ((vol.shape[1] - 1) / 2.0, (vol.shape[2] - 1) / 2.0)
+        for side in range(2):
+            for level in range(N_LEVELS):
+                p = probs[:, side, level]
+                if not np.all(np.isfinite(p)) or len(p) == 0:
+                    continue
+                i = int(np.argmax(p))
+                lo, hi = max(0, i - window), min(len(p), i + window + 1)
+                w = p[lo:hi]
+                z = float((w * src[lo:hi]).sum() / w.sum()) if w.sum() > 0 else float(src[i])
+                k = side * N_LEVELS + level
+                voxel[k] = (z, *centre)
+                conf[k] = p[i]
+        return self.to_set("subarticular", voxel, conf, vol)
+
+    def targets(self, sample: Sample, study: "Study", truth: StudyKeypoints) -> dict[str, np.ndarray] | None:
+        """``cls`` [S, 2]: per input slice and side, the level whose labelled point is nearest
+        (one slice per level), "none" for slices clearly away from every level (only when all 5
+        levels of that side are labelled somewhere), -1 (ignored) next to a level or unknown."""
+        t = truth.get(truth_key("subarticular"))
+        if t is None:
+            return None
+        vol = self.find_volume(sample, study)
+        src = np.asarray(sample.meta["source_slices"], dtype=np.float64)
+        step = float(np.median(np.abs(np.diff(src)))) if len(src) > 1 else 1.0
+        cls = np.full((len(src), 2), -1, np.int64)
+        for side in range(2):
+            ks = side * N_LEVELS + np.arange(N_LEVELS)
+            labels = np.full(len(src), NONE_CLASS if t.valid[ks].all() else -1, np.int64)
+            nearest = []
+            for level, k in enumerate(ks):
+                if not t.valid[k] or not vol.contains(t.world[k]):
+                    continue
+                z = float(vol.to_voxel(t.world[k])[0])
+                d = np.abs(src - z)
+                labels[d <= 1.5 * step] = -1
+                nearest.append((int(np.argmin(d)), level))
+            for i, level in nearest:
+                labels[i] = level
+            slot = 1 - side if sample.meta["transform"].lr_swapped else side
+            cls[:, slot] = labels
+        return {"cls": cls}
+
+
+class AxialXYFamily(PointFamily):
+    """Left/right (x, y) on the slices chosen by the level classifier."""
+
+    name = "axial_xy"
+    view = "axial"
+    dims = 2
+    coord_axes = (1, 2)
+    visibility = False
+    needs_keypoints = True  # prepare reads the axial_level set: runs after it, in the main process
+    model_kwarg_keys = (*POINT_MODEL_KWARGS, "tta_lr")
+    source_keys: ClassVar[tuple[str, ...]] = ("axial_level", truth_key("subarticular"))
+
+    def _validate(self) -> None:
+        super()._validate()
+        _check_channels(self)
+
+    @property
+    def kind(self) -> str:
+        return "subarticular"
+
+    @property
+    def set_key(self) -> str:
+        return "axial_level"  # refines the level classifier's set
+
+    @property
+    def n_points(self) -> int:
+        return 2  # left, right
+
+    @property
+    def lr_permutation(self) -> np.ndarray | None:
+        return np.array([1, 0])
+
+    @property
+    def tta_flips(self) -> list[int]:
+        flips = [AP_AXIS[self.view]]
+        if self.entry.model_kwargs.get("tta_lr", False):
+            flips.append(LATERAL_AXIS[self.view])
+        return flips
+
+    def source_set(self, keypoints: StudyKeypoints | None) -> KeypointSet | None:
+        """The set whose slices are refined: ``axial_level``, else the truth (training)."""
+        if keypoints is None:
+            return None
+        for key in self.source_keys:
+            s = keypoints.get(key)
+            if s is not None:
+                return s
+        return None
+
+    def prepare(
+        self,
+        study: "Study",
+        keypoints: StudyKeypoints | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[Sample]:
+        src = self.source_set(keypoints)
+        if src is None:
+            return []
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        vols: dict[tuple[int, int], "Volume"] = {}
+        for k in np.flatnonzero(src.valid):
+            key = (int(src.series_id[k]), int(src.stack_index[k]))
+            vol = vols.get(key) or study.find(*key)
+            if vol is None or view_alignment(vol, self.view) < MIN_VIEW_ALIGNMENT:
+                logger.info("study %s: %s point %s is on series %s stack %s, not an axial stack of this study; skipped",
+                            study.study_id, src.source, src.describe(int(k)), key[0], key[1])
+                continue
+            vols[key] = vol
+            z = int(np.clip(np.rint(src.voxel[k, 0]), 0, vol.shape[0] - 1))
+            groups.setdefault((*key, z), []).append(int(k))
+        samples = []
+        c = self.spec.n_slices
+        for (series_id, stack_index, z), points in sorted(groups.items()):
+            vol = vols[(series_id, stack_index)]
+            kc = round(float(canonical_slice_index(orient(vol, self.view), z)))
+            idx = kc - c // 2 + np.arange(c)
+            prep = prepare_slices(vol, self.view, idx, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
+            meta = self.base_meta(
+                vol, prep.transform,
+                u_fill={0: (kc + 0.5) / vol.shape[0]},
+                points=np.asarray(points, np.int64),
+                z=src.voxel[points, 0].astype(np.float64),
+                confidence=src.confidence[points].astype(np.float64),
+            )
+            samples.append(Sample(study.study_id, {"image": prep.image}, meta))
+        return samples
+
+    def decode(self, output: np.ndarray, sample: Sample, study: "Study") -> KeypointSet:
+        """Only this slice's points are valid in the returned set (others empty)."""
+        vol = self.find_volume(sample, study)
+        u, _ = self.points_u(output, sample)
+        side_voxel = sample.meta["transform"].to_voxel(u)  # [2, 3]: (slice centre z, y, x) per side
+        voxel = np.full((2 * N_LEVELS, 3), np.nan)
+        conf = np.zeros(2 * N_LEVELS)
+        for k, z, c in zip(sample.meta["points"], sample.meta["z"], sample.meta["confidence"]):
+            voxel[k] = (z, *side_voxel[k // N_LEVELS, 1:])
+            conf[k] = c
+        return self.to_set("subarticular", voxel, conf, vol)
+
+    def targets(self, sample: Sample, study: "Study", truth: StudyKeypoints) -> dict[str, np.ndarray] | None:
+        t = truth.get(truth_key("subarticular"))
+        if t is None:
+            return None
+        world, valid = np.zeros((2, 3)), np.zeros(2, bool)
+        for k in sample.meta["points"]:  # the first point of each side on this slice
+            side = int(k) // N_LEVELS
+            if not valid[side] and t.valid[k]:
+                world[side], valid[side] = t.world[k], True
+        return self.point_targets(world, valid, sample, self.find_volume(sample, study))
+
+    def merge_sets(self, sets: list[KeypointSet], previous: KeypointSet | None = None) -> KeypointSet | None:
+        """The level set (``previous``) with the refined (x, y) of every decoded point."""
+        out = previous
+        for s in sets:
+            if out is None:
+                out = s
+                continue
+            m = s.valid
+            out = out.with_points(m, world=s.world, voxel=s.voxel, series_id=s.series_id,
+                                  stack_index=s.stack_index, confidence=s.confidence)
+        if out is None:
+            return None
+        sources = [x for x in (out.source, "axial_xy") if x]
+        return replace(out, source="+".join(dict.fromkeys("+".join(sources).split("+"))))
+

@@ -1,0 +1,106 @@
+"""Stage-1 networks: a backbone with a point-regression head, and the 2.5-D slice level
+classifier (CNN per slice -> BiLSTM -> attention over slices -> per-slice level classes).
+
+Every network takes the batch dict and returns a tensor (the family contract); the families
+turn that into probabilities / normalised coordinates (`run`) and keypoints (`decode`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+
+class PointRegressor(nn.Module):
+    """Backbone -> pooled features -> ``[B, n_points, n_coords (+1 visibility logit)]``.
+
+    Coordinates are normalised (0..1 over the input); the head's coordinate biases start at
+    0.5 so an untrained model predicts the image centre rather than a corner.
+    """
+
+    def __init__(self, backbone: nn.Module, n_points: int, n_coords: int, visibility: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.n_points, self.n_coords, self.visibility = int(n_points), int(n_coords), bool(visibility)
+        self.n_out = self.n_coords + int(self.visibility)
+        self.dropout = nn.Dropout(float(dropout))
+        self.head = nn.Linear(backbone.num_features, self.n_points * self.n_out)
+        with torch.no_grad():
+            self.head.weight.mul_(0.1)
+            bias = self.head.bias.view(self.n_points, self.n_out)
+            bias.zero_()
+            bias[:, : self.n_coords] = 0.5
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = self.backbone(batch["image"])
+        out = self.head(self.dropout(feats))
+        return out.view(out.shape[0], self.n_points, self.n_out)
+
+
+def neighbour_channels(image: torch.Tensor, lengths: torch.Tensor, n_channels: int) -> torch.Tensor:
+    """``[B, S, H, W]`` stacks -> ``[B, S, C, H, W]``: each slice with its ``C // 2`` neighbours on
+    each side as channels, repeating the first/last *real* slice of each stack at its ends."""
+    b, s = image.shape[:2]
+    offsets = torch.arange(n_channels, device=image.device) - n_channels // 2
+    pos = torch.arange(s, device=image.device)[:, None] + offsets[None, :]  # [S, C]
+    hi = (lengths.to(image.device).clamp(min=1) - 1)[:, None, None]  # [B, 1, 1]
+    idx = torch.minimum(pos[None].clamp(min=0), hi)  # [B, S, C]
+    flat = idx.reshape(b, -1)
+    gathered = torch.gather(image, 1, flat[:, :, None, None].expand(-1, -1, *image.shape[2:]))
+    return gathered.view(b, s, n_channels, *image.shape[2:])
+
+
+class SliceLevelNet(nn.Module):
+    """2.5-D level classifier over an axial stack.
+
+    Each slice with its neighbours (``n_channels``) goes through a 2-D backbone; the slice
+    features run through a bidirectional LSTM (context along the stack), then, optionally,
+    self-attention over the slices (masked to the real ones); a linear head gives logits
+    ``[B, S, n_sides, n_classes]`` (classes: the 5 levels, then "none").
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        n_channels: int,
+        hidden: int = 64,
+        attention: bool = True,
+        heads: int = 4,
+        dropout: float = 0.0,
+        n_sides: int = 2,
+        n_classes: int = 6,
+    ) -> None:
+        super().__init__()
+        if attention and (2 * hidden) % heads:
+            raise ValueError(f"model_kwargs: 2 * hidden ({2 * hidden}) must be divisible by heads ({heads})")
+        self.backbone = backbone
+        self.n_channels, self.n_sides, self.n_classes = int(n_channels), int(n_sides), int(n_classes)
+        self.proj = nn.Sequential(nn.Linear(backbone.num_features, hidden), nn.GELU(), nn.Dropout(float(dropout)))
+        self.lstm = nn.LSTM(hidden, hidden, batch_first=True, bidirectional=True)
+        self.attention = nn.MultiheadAttention(2 * hidden, heads, dropout=float(dropout), batch_first=True) if attention else None
+        self.norm = nn.LayerNorm(2 * hidden)
+        self.head = nn.Linear(2 * hidden, self.n_sides * self.n_classes)
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        image = batch["image"]  # [B, S, H, W]
+        b, s = image.shape[:2]
+        mask = batch.get("slice_mask")
+        if mask is None:
+            mask = torch.ones(b, s, dtype=torch.bool, device=image.device)
+        mask = mask.to(device=image.device, dtype=torch.bool)
+        lengths = mask.sum(1)
+        x = neighbour_channels(image, lengths, self.n_channels)  # [B, S, C, H, W]
+        feats = self.backbone(x[mask])  # only the real slices go through the CNN
+        seq = image.new_zeros(b, s, feats.shape[-1], dtype=feats.dtype)
+        seq[mask] = feats
+        seq = self.proj(seq)
+        packed = pack_padded_sequence(seq, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        out, _ = self.lstm(packed)
+        out, _ = pad_packed_sequence(out, batch_first=True, total_length=s)
+        if self.attention is not None:
+            att, _ = self.attention(out, out, out, key_padding_mask=~mask, need_weights=False)
+            out = out + att
+        out = self.norm(out)
+        logits = self.head(out).view(b, s, self.n_sides, self.n_classes)
+        return logits.masked_fill(~mask[:, :, None, None], 0.0)

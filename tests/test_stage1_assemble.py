@@ -1,0 +1,144 @@
+"""Combining decoded sets, the cross-view report and the projection fallback."""
+
+import numpy as np
+import pytest
+import torch
+from stage1_fixtures import (
+    LEVEL_Z,
+    axial,
+    entry,
+    sagittal,
+    spinal_world,
+    study_of,
+    world_set,
+)
+
+from rsna_infer.registry import make_family
+from rsna_infer.stage1.assemble import (
+    LATERAL_OFFSET_MM,
+    finalize,
+    merge_decoded,
+    projection_set,
+)
+from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints
+
+torch.set_num_threads(1)
+
+
+def test_point_at_known_voxel_lands_in_the_right_slice_of_another_series():
+    sag = sagittal()  # origin (28, -80, 100); columns +y, rows -z, 2.5 mm; slices toward -x, 4 mm
+    ax, ax_down = axial(series_id=20), axial(series_id=21, flipped_lr=True)
+    study = study_of(sag, ax, ax_down)
+    fam = make_family(entry("sag3d", "t2", arch="mobilenetv2_035", size=(16, 32, 32)))
+    (sample,) = fam.prepare(study)
+    voxel = np.array([3.0, 20.0, 40.0])
+    u = sample.meta["transform"].to_norm(voxel)
+    out = np.tile(np.r_[u, 1.0], (5, 1))
+    ks = fam.decode(out, sample, study)
+    np.testing.assert_allclose(ks.voxel[0], voxel, atol=1e-9)
+    np.testing.assert_allclose(ks.world[0], [28 - 3 * 4.0, -80 + 40 * 2.5, 100 - 20 * 2.5], atol=1e-9)  # (16, 20, 50)
+    # axial from z = -30 upward: z = 50 is slice 20; columns from x = -80, rows from y = -70
+    np.testing.assert_allclose(ax.to_voxel(ks.world[0]), [20.0, 36.0, 38.4], atol=1e-9)
+    assert ax.nearest_slice(ks.world[0]) == 20
+    # the same point in an axial series stored top-down and mirrored: slice (70 - 50) / 4 = 5
+    assert ax_down.nearest_slice(ks.world[0]) == 5
+    np.testing.assert_allclose(ax_down.to_voxel(ks.world[0])[2], (77.5 - 16) / 2.5, atol=1e-9)
+
+
+def _level_probs(n_slices: int, peaks: dict[tuple[int, int], tuple[int, float]]) -> np.ndarray:
+    """Per-slice probabilities with ``peaks[(side, level)] = (slice, prob)``; the rest "none"."""
+    p = np.zeros((n_slices, 2, 6))
+    p[..., 5] = 1.0
+    for (side, level), (i, prob) in peaks.items():
+        p[i, side, 5] -= prob
+        p[i, side, level] += prob
+    return p
+
+
+def test_several_axial_stacks_most_confident_wins():
+    a, b = axial(series_id=20), axial(series_id=21)
+    study = study_of(a, b)
+    fam = make_family(entry("axial_level", n_slices=3, in_chans=3))
+    samples = fam.prepare(study)
+    assert [s.meta["series_id"] for s in samples] == [20, 21]
+    outs = [
+        _level_probs(26, {(0, 0): (3, 0.9), (1, 0): (3, 0.4), (0, 4): (20, 0.3)}),
+        _level_probs(26, {(0, 0): (4, 0.6), (1, 0): (5, 0.8), (0, 4): (21, 0.7)}),
+    ]
+    sets = [fam.decode(o, s, study) for o, s in zip(outs, samples)]
+    kp = merge_decoded(fam, sets, StudyKeypoints(1))
+    merged = kp.get("axial_level")
+    assert merged.series_id[0] == 20 and merged.confidence[0] == pytest.approx(0.9)
+    assert merged.series_id[5] == 21 and merged.confidence[5] == pytest.approx(0.8)
+    assert merged.series_id[4] == 21 and merged.confidence[4] == pytest.approx(0.7)
+    # canonical axial order runs inferior: input slice i is source slice 25 - i
+    assert merged.voxel[0, 0] == pytest.approx(25 - 3)
+    assert sets[0].confidence[5] == pytest.approx(0.4)  # inputs untouched
+
+
+def test_projection_fills_a_study_without_axial_series():
+    sag = sagittal()
+    study = study_of(sag)
+    kp = StudyKeypoints(1, {"sag3d_t2": world_set("spinal", spinal_world(), sag, source="sag3d_t2")})
+    out = finalize(study, kp)
+    assert "projection" not in kp.sets  # input not mutated
+    best = out.best("subarticular", prefer=("axial_level", "axial3d", "projection"))
+    assert best is not None and best.valid.all() and best.source == "projection"
+    assert np.all(best.series_id == sag.series_id)
+    np.testing.assert_allclose(best.world[:5, 0], LATERAL_OFFSET_MM)  # a sagittal slice sits at x = 12
+    np.testing.assert_allclose(best.world[5:, 0], -LATERAL_OFFSET_MM)
+    np.testing.assert_allclose(best.world[:5, 2], LEVEL_Z)
+    assert out.report["cross_view"]["axial_source"] == "projection"
+    assert out.report["cross_view"]["projection_points_sagittal"] == 10
+
+
+def test_projection_uses_axial_stacks_that_cover_each_level():
+    sag = sagittal()
+    upper = axial((12, 64, 64), z0=22.0, series_id=20)  # z 22..66: L1/L2, L2/L3
+    lower = axial((15, 64, 64), z0=-34.0, series_id=21, flipped_lr=True)  # z -34..22: L4/L5, L5/S1
+    study = study_of(sag, upper, lower)
+    canal = world_set("spinal", spinal_world(), sag)
+    proj = projection_set(study, canal)
+    assert list(proj.series_id) == [20, 20, 21, 21, 21] * 2  # L3/L4 (z = 20) is in the lower stack only
+    for k in np.flatnonzero(proj.valid):
+        vol = study.find(int(proj.series_id[k]), 0)
+        level = k % 5
+        assert proj.voxel[k, 0] == vol.nearest_slice(canal.world[level])  # on the nearest slice
+        side_sign = 1.0 if k < 5 else -1.0  # left = larger patient x
+        assert proj.world[k, 0] == pytest.approx(side_sign * LATERAL_OFFSET_MM)
+        assert abs(proj.world[k, 2] - LEVEL_Z[level]) <= 2.0  # within half a slice
+    assert proj.confidence.max() <= 0.3
+
+
+def test_low_confidence_axial_points_fall_back_and_report_distances():
+    sag = sagittal()
+    ax = axial(series_id=20)
+    study = study_of(sag, ax)
+    canal = world_set("spinal", spinal_world(), sag, source="sag3d_t2")
+    axial_world = spinal_world() + np.array([0.0, 0.0, 8.0])  # 8 mm cranial of the canal points
+    pts = np.concatenate([axial_world + [11, 0, 0], axial_world - [11, 0, 0]])
+    conf = np.array([0.9, 0.9, 0.1, 0.9, 0.9, 0.9, 0.9, 0.9, 0.2, 0.9])
+    level_set = world_set("subarticular", pts, ax, source="axial_level")
+    level_set = KeypointSet(level_set.kind, level_set.world, level_set.voxel, level_set.series_id,
+                            level_set.stack_index, conf, "axial_level")
+    kp = StudyKeypoints(1, {"sag3d_t2": canal, "axial_level": level_set})
+    out = finalize(study, kp)
+    rep = out.report["cross_view"]
+    np.testing.assert_allclose(rep["axial_level"]["distance_mm"], 8.0)
+    assert rep["axial_level"]["median_mm"] == pytest.approx(8.0) and rep["axial_level"]["n"] == 10
+    assert rep["replaced"]["axial_level"] == ["subarticular left L3/L4", "subarticular right L4/L5"]
+    assert kp.get("axial_level") is level_set and level_set.valid.all()  # never mutated
+    best = out.best("subarticular", prefer=("axial_level", "projection"))
+    assert best.valid.all()
+    np.testing.assert_allclose(best.world[[0, 1, 3]], pts[[0, 1, 3]])
+    assert best.series_id[2] == ax.series_id and best.world[2, 0] == pytest.approx(LATERAL_OFFSET_MM)
+    assert abs(best.world[2, 2] - LEVEL_Z[2]) <= 2.0  # projection on the canal's level, not the axial z
+
+
+def test_finalize_without_sagittal_points_leaves_axial_alone():
+    ax = axial(series_id=20)
+    study = study_of(ax)
+    s = world_set("subarticular", np.zeros((10, 3)), ax, source="axial_level")
+    out = finalize(study, StudyKeypoints(1, {"axial_level": s}))
+    assert out.get("axial_level") is s and "projection" not in out.sets
+    assert out.report["cross_view"]["projection_points"] == 0

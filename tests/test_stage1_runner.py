@@ -1,0 +1,71 @@
+"""End to end on one study: every family, fold averaging, axial_xy refining axial_level."""
+
+import numpy as np
+import pytest
+import torch
+from stage1_fixtures import axial, entry, sagittal, study_of
+
+from rsna_infer.constants import SAG_T1
+from rsna_infer.registry import make_family
+from rsna_infer.stage1.runner import predict_keypoints, run_folds
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def study():
+    return study_of(sagittal(series_id=10), sagittal(series_id=11, description=SAG_T1), axial(series_id=20),
+                    axial((16, 64, 64), z0=10.0, series_id=21))
+
+
+@pytest.fixture(scope="module")
+def families():
+    torch.manual_seed(0)
+    entries = [
+        entry("axial_xy", n_slices=3, in_chans=3),  # deliberately first: the runner orders families
+        entry("sag2d", "t2", n_slices=10),
+        entry("sag2d", "t1", n_slices=10),
+        entry("sag3d", "t2", arch="mobilenetv2_035", size=(16, 64, 64)),
+        entry("axial3d", arch="mobilenetv2_035", size=(16, 64, 64)),
+        entry("axial_level", n_slices=3, in_chans=3, model_kwargs={"hidden": 16, "heads": 2}),
+    ]
+    return [(f, f.build().eval()) for f in map(make_family, entries)]
+
+
+def test_predict_keypoints_all_families(study, families):
+    kp = predict_keypoints(families, study, tta=True)
+    assert set(kp.sets) == {"sag2d_t2", "sag2d_t1", "sag3d_t2", "axial3d", "axial_level", "projection"}
+    for key, s in kp.sets.items():
+        v = s.valid
+        assert v.any(), key
+        for k in np.flatnonzero(v):
+            vol = study.find(int(s.series_id[k]), int(s.stack_index[k]))
+            np.testing.assert_allclose(s.world[k], vol.to_world(s.voxel[k]), atol=1e-9)
+    assert "cross_view" in kp.report and "axial_level" in kp.report["cross_view"]
+
+
+def test_axial_xy_refines_xy_and_keeps_level_z(study, families):
+    level_only = [fm for fm in families if fm[0].name != "axial_xy"]
+    base = predict_keypoints(level_only, study, finalize=False).get("axial_level")
+    refined = predict_keypoints(families, study, finalize=False).get("axial_level")
+    assert base.valid.any()
+    np.testing.assert_array_equal(refined.valid, base.valid)
+    v = base.valid
+    np.testing.assert_allclose(refined.voxel[v, 0], base.voxel[v, 0])
+    np.testing.assert_allclose(refined.confidence, base.confidence)
+    # level-only points sit at the slice centre; refined ones come from the xy model
+    vol = study.find(int(base.series_id[v][0]), 0)
+    np.testing.assert_allclose(base.voxel[v, 1:], [[(vol.shape[1] - 1) / 2, (vol.shape[2] - 1) / 2]] * int(v.sum()))
+    assert not np.allclose(refined.voxel[v, 1:], base.voxel[v, 1:])
+    assert "axial_xy" in refined.source
+
+
+def test_run_folds_averages_run_outputs(study):
+    fam = make_family(entry("sag2d", "t2", n_slices=10))
+    torch.manual_seed(1)
+    models = [fam.build().eval(), fam.build().eval()]
+    batch = fam.collate(fam.prepare(study))
+    with torch.no_grad():
+        expected = (fam.run(models[0], batch) + fam.run(models[1], batch)).numpy() / 2
+    np.testing.assert_allclose(run_folds(fam, models, batch), expected, atol=1e-6)
+    np.testing.assert_allclose(run_folds(fam, models[0], batch), fam.run(models[0], batch).detach().numpy(), atol=1e-6)
