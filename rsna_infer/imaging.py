@@ -263,7 +263,7 @@ def sample_region(
 # --------------------------------------------------------------------------------------
 def volume_bounds(volume: "Volume", norm: NormSpec) -> tuple[float, float]:
     """Per-volume intensity clip range (computed once per volume, applied to every input)."""
-    return norm.bounds(volume.pixels)
+    return norm.bounds(volume)
 
 
 def to_unit(arr: np.ndarray, bounds: tuple[float, float]) -> np.ndarray:
@@ -367,7 +367,7 @@ def prepare_volume(
     if len(size) != 3:
         raise SpecError(f"a 3-D input needs size (D, H, W), got {size}")
     orientation = orient(volume, view)
-    bounds = bounds if bounds is not None else norm.bounds(volume.pixels)
+    bounds = bounds if bounds is not None else volume_bounds(volume, norm)
     canon = orientation.apply(volume.pixels)
     unit = to_unit(resize_volume(canon, size), bounds)
     transform = VoxelTransform.full(orientation, view)
@@ -402,7 +402,7 @@ def prepare_slices(
     if len(size) != 2:
         raise SpecError(f"a 2-D input needs size (H, W), got {size}")
     orientation = orient(volume, view)
-    bounds = bounds if bounds is not None else norm.bounds(volume.pixels)
+    bounds = bounds if bounds is not None else volume_bounds(volume, norm)
     canon = orientation.apply(volume.pixels)
     idx = np.clip(np.asarray(canonical_slices, dtype=np.int64), 0, canon.shape[0] - 1)
     unit = to_unit(resize_slices(canon[idx], size), bounds)

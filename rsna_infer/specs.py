@@ -9,9 +9,12 @@ validated instantly.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from .io.volume import Volume
 
 from .constants import GROUPS
 
@@ -43,12 +46,16 @@ class NormSpec:
         if self.std <= 0:
             raise SpecError(f"norm.std must be > 0, got {self.std}")
 
-    def bounds(self, pixels: np.ndarray) -> tuple[float, float]:
-        """The clip range for one volume (computed once per volume, applied to every crop)."""
-        flat = np.asarray(pixels, dtype=np.float32).reshape(-1)
-        if flat.size > 1_000_000:  # percentiles of a strided subsample are plenty and 10x cheaper
-            flat = flat[:: flat.size // 1_000_000]
-        lo, hi = np.percentile(flat, [self.lo_pct, self.hi_pct])
+    def bounds(self, pixels: "np.ndarray | Volume") -> tuple[float, float]:
+        """The clip range for one volume (computed once per volume, applied to every crop).
+        Given a `Volume`, its cached percentiles are used."""
+        if hasattr(pixels, "percentiles"):
+            lo, hi = pixels.percentiles(self.lo_pct, self.hi_pct)
+        else:
+            flat = np.asarray(pixels, dtype=np.float32).reshape(-1)
+            if flat.size > 1_000_000:  # percentiles of a strided subsample are plenty and 10x cheaper
+                flat = flat[:: flat.size // 1_000_000]
+            lo, hi = np.percentile(flat, [self.lo_pct, self.hi_pct])
         if not np.isfinite(lo) or not np.isfinite(hi):
             return 0.0, 1.0
         return float(lo), float(max(hi, lo + 1e-3))

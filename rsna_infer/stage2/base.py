@@ -58,13 +58,9 @@ class CropContext:
         self.norm = norm
         self.augment = augment
         self.rng = rng
-        self._bounds: dict[int, tuple[float, float]] = {}
 
     def bounds(self, volume: Volume) -> tuple[float, float]:
-        key = id(volume)
-        if key not in self._bounds:
-            self._bounds[key] = volume_bounds(volume, self.norm)
-        return self._bounds[key]
+        return volume_bounds(volume, self.norm)  # cached on the volume itself
 
     def crop(
         self,

@@ -151,7 +151,7 @@ def crop_2d5(
     x0, x_shift = _window(c[2], n_cols, n_x)
 
     if norm is not None and bounds is None:
-        bounds = norm.bounds(volume.pixels)
+        bounds = norm.bounds(volume)
     pad = float(bounds[0]) if norm is not None else 0.0  # type: ignore[index]
     arr, padded = _take(canon, (z0, y0, x0), (n_slices, n_rows, n_cols), pad)
     if norm is not None:
