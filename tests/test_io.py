@@ -250,6 +250,19 @@ def test_mixed_slice_sizes_are_resampled_with_exact_geometry(tmp_path):
     assert v.shape == (4, 8, 6) and v.spacing == (1.0, 1.0)
     np.testing.assert_allclose(v.pixels[2], field(yy, xx) + 2, atol=1e-3)
     assert any("resampled" in w for w in warnings)
+    # a label on the 0.5 mm instance (its own pixels) lands on the same patient point
+    np.testing.assert_allclose(v.native_spacing, [[1, 1], [1, 1], [0.5, 0.5], [1, 1]])
+    zyx = v.pixel_to_voxel(2, x=5.0, y=7.0)
+    np.testing.assert_allclose(zyx, [2, 3.5, 2.5])
+    np.testing.assert_allclose(v.to_world(zyx), [2.5, 3.5, 4.0])
+    np.testing.assert_allclose(v.pixel_to_voxel(1, x=5.0, y=7.0), [1, 7, 5])
+
+
+def test_stack_on_one_grid_has_no_native_spacing(tmp_path):
+    write_volume(tmp_path, _volume([0.0, 3.0, 6.0]))
+    (v,) = read_series(tmp_path)
+    assert v.native_spacing is None
+    np.testing.assert_allclose(v.pixel_to_voxel([0, 2], x=[1.5, 2.0], y=[3.0, 0.5]), [[0, 3.0, 1.5], [2, 0.5, 2.0]])
 
 
 def test_smaller_field_of_view_is_padded_with_zero(tmp_path):

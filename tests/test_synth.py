@@ -35,6 +35,7 @@ from rsna_infer.constants import (
 )
 from rsna_infer.stage1.keypoints import point_index
 from rsna_infer.synth import (
+    CONDITION_KIND,
     GRADE_PRIORS,
     KEYPOINTS_WORLD_COLUMNS,
     OPTIONAL_TAGS,
@@ -327,6 +328,34 @@ def test_switches_do_what_they_claim(tmp_path):
     assert blanks.any()
     coords = pd.read_csv(tmp_path / "train_label_coordinates.csv")
     assert len(coords) == (~blanks).sum()  # blank grades have no coordinates
+
+
+def test_flipped_axes_switch_changes_iop_not_patient_space(tmp_path):
+    plain = make_dataset(tmp_path / "plain", 2, split="train", seed=4, image_size=SMALL)
+    flipped = make_dataset(tmp_path / "flipped", 2, split="train", seed=4, image_size=SMALL, flipped_axes_rate=1.0)
+    assert (tmp_path / "plain/train_keypoints_world.csv").read_bytes() == (tmp_path / "flipped/train_keypoints_world.csv").read_bytes()
+    a, b = _all_slices(plain), _all_slices(flipped)
+    coords = pd.read_csv(tmp_path / "flipped/train_label_coordinates.csv")
+    for study in flipped.study_ids:
+        world = load_keypoints_world(tmp_path / "flipped")[study]
+        for info in flipped.truth[study].series:
+            assert info.flipped_axes and set(info.flipped_axes) <= {"columns", "rows", "swapped"}
+            s0 = min(a[(study, info.series_id)], key=lambda s: int(s["ds"].InstanceNumber))
+            s1 = next(s for s in b[(study, info.series_id)] if np.allclose(s["ipp"] @ s0["n"], s0["ipp"] @ s0["n"]))
+            r, c = -s0["r"] if "columns" in info.flipped_axes else s0["r"], -s0["c"] if "rows" in info.flipped_axes else s0["c"]
+            if "swapped" in info.flipped_axes:
+                r, c = c, r
+            np.testing.assert_allclose(np.r_[s1["r"], s1["c"]], np.r_[r, c], atol=1e-6)
+            # the same anatomy: the image centre is the same patient point
+            centre = lambda sl: pixel_to_world(sl, (sl["pixels"].shape[1] - 1) / 2, (sl["pixels"].shape[0] - 1) / 2)
+            np.testing.assert_allclose(centre(s1), centre(s0), atol=1e-3)
+        for row in coords[coords.study_id == study].itertuples(index=False):  # labels stay on the truth
+            sl = next(s for s in b[(study, row.series_id)] if int(s["ds"].InstanceNumber) == row.instance_number)
+            cond = COORD_CONDITION_TO_CONDITION[row.condition]
+            kind = CONDITION_KIND[cond]
+            side = None if kind == "spinal" else (0 if cond.startswith("left") else 1)
+            p = world[kind][point_index(kind, LEVELS.index(COORD_LEVEL_TO_LEVEL[row.level]), side)]
+            assert np.linalg.norm(pixel_to_world(sl, row.x, row.y) - p) <= 0.5 * 5.0 + 0.1  # half the widest slice spacing
 
 
 def test_missing_series_switch(tmp_path):

@@ -116,6 +116,8 @@ def test_validation_rejects_unsorted_and_mismatched_inputs():
         Volume(np.zeros((2, 3, 3)), np.zeros((1, 3)), [1, 0, 0], [0, 1, 0], (1, 1), [1, 2])
     with pytest.raises(ValueError, match="degenerate"):
         Volume(np.zeros((1, 3, 3)), np.zeros((1, 3)), [1, 0, 0], [1, 0, 0], (1, 1), [1])
+    with pytest.raises(ValueError, match="native spacings"):
+        Volume(np.zeros((2, 3, 3)), [[0, 0, 0], [0, 0, 1]], [1, 0, 0], [0, 1, 0], (1, 1), [1, 2], native_spacing=[[1, 1]])
 
 
 def test_study_lookup_and_repr_do_not_dump_pixels():

@@ -130,6 +130,8 @@ def _stack_to_volume(
     for i, r in enumerate(recs):
         _to_grid(r, grid, pixels[i])
     _invert_monochrome1(pixels, [r.monochrome1 for r in recs])
+    native = np.array([r.pixel_spacing for r in recs], dtype=np.float64)
+    resampled = not np.allclose(native, [grid[2], grid[3]])
     return Volume(
         pixels=pixels,
         positions=np.stack([r.position for r in recs]),
@@ -140,6 +142,7 @@ def _stack_to_volume(
         study_id=study_id,
         series_id=series_id,
         description=description,
+        native_spacing=native if resampled else None,
     )
 
 

@@ -35,6 +35,10 @@ class Volume:
     series_id: int = 0
     description: str | None = None  # "Sagittal T1" | "Sagittal T2/STIR" | "Axial T2" | None
     stack_index: int = 0  # 0 = largest stack of its series
+    #: float64 [Z, 2]: each slice's own PixelSpacing (Δrow, Δcol) in its DICOM file, where
+    #: some slices were resampled onto this stack's grid (another matrix size); None = every
+    #: slice is stored on the stack's grid. See `pixel_to_voxel`.
+    native_spacing: np.ndarray | None = None
     normal: np.ndarray = field(init=False)
     _percentiles: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
@@ -53,6 +57,10 @@ class Volume:
             raise ValueError(
                 f"{z} slices but {len(self.positions)} positions and {len(self.instance_numbers)} instance numbers"
             )
+        if self.native_spacing is not None:
+            self.native_spacing = np.asarray(self.native_spacing, dtype=np.float64).reshape(-1, 2)
+            if len(self.native_spacing) != z:
+                raise ValueError(f"{z} slices but {len(self.native_spacing)} native spacings")
         d = self.slice_offsets
         if z > 1 and np.any(np.diff(d) <= 0):
             raise ValueError("slices must be sorted by strictly increasing position along the normal")
@@ -126,6 +134,25 @@ class Volume:
         dr, dc = self.spacing
         x = rel @ self.row_dir / dc
         y = rel @ self.col_dir / dr
+        return np.stack([z, y, x], axis=-1)
+
+    def pixel_to_voxel(self, z: np.ndarray, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+        """Pixel (column ``x``, row ``y``) of sorted slice ``z`` *as stored in its DICOM file*
+        -> voxel ``(z, y, x)`` of this stack, for arrays of points.
+
+        Label coordinates (``train_label_coordinates.csv``) are pixels of the labelled
+        instance. A slice of another matrix size was resampled onto the stack's grid anchored
+        at its own ImagePositionPatient, so its pixels scale by its own spacing over the
+        stack's; every other slice maps to itself.
+        """
+        z = np.asarray(z, dtype=np.int64)
+        x = np.asarray(x, dtype=np.float64)
+        y = np.asarray(y, dtype=np.float64)
+        if self.native_spacing is not None:
+            native = self.native_spacing[z]
+            y = y * native[..., 0] / self.spacing[0]
+            x = x * native[..., 1] / self.spacing[1]
+        z, y, x = np.broadcast_arrays(z.astype(np.float64), y, x)
         return np.stack([z, y, x], axis=-1)
 
     def nearest_slice(self, xyz: np.ndarray) -> np.ndarray:

@@ -42,6 +42,7 @@ from .options import OPTIONAL_TAGS, TRANSFER_SYNTAXES, SynthOptions
 from .protocol import (
     SeriesPlan,
     SlicePlan,
+    flip_axes,
     plan_axial_block,
     plan_axial_per_disc,
     plan_sagittal,
@@ -78,6 +79,7 @@ class SeriesInfo:
     dropped_tags: tuple[str, ...] = ()
     descending: bool = False
     mixed_sizes: bool = False
+    flipped_axes: tuple[str, ...] = ()  # "columns" / "rows" mirrored, "swapped" (see `flip_axes`)
 
 
 @dataclass
@@ -223,9 +225,13 @@ def _plan_series(
     return plans
 
 
-def _apply_switches(sw: np.random.Generator, plans: list[SeriesPlan], opts: SynthOptions) -> tuple[list[SeriesPlan], str | None, set[int]]:
-    """Realism switches on the planned series: drop a type, mix matrix sizes, instance
-    order, transfer syntax, missing tags. Returns (plans, missing type, mixed series ids)."""
+def _apply_switches(
+    sw: np.random.Generator, plans: list[SeriesPlan], opts: SynthOptions, flip: np.random.Generator | None = None
+) -> tuple[list[SeriesPlan], str | None, set[int]]:
+    """Realism switches on the planned series: drop a type, mix matrix sizes, flip axes,
+    instance order, transfer syntax, missing tags. Returns (plans, missing type, mixed series
+    ids). ``flip`` (its own stream, so that datasets without the switch keep their bytes)
+    draws the axis flips."""
     missing: str | None = None
     if sw.random() < opts.missing_series_rate:
         missing = str(sw.choice(SERIES_TYPES))
@@ -240,6 +246,10 @@ def _apply_switches(sw: np.random.Generator, plans: list[SeriesPlan], opts: Synt
             order = sorted(p.slices, key=lambda sl: float(sl.position @ sl.normal))
             resize_slices(order[: max(1, len(order) // 3)], factor)
         mixed.add(p.series_id)
+    if flip is not None and opts.flipped_axes_rate > 0:
+        for p in plans:
+            if flip.random() < opts.flipped_axes_rate:
+                flip_axes(p, flip)
     for number, p in enumerate(plans, start=1):
         p.series_number = number
         p.descending = bool(sw.random() < opts.descending_instance_rate)
@@ -384,7 +394,7 @@ def _build_study(
     anat = sample_anatomy(_rng(seed, split, k, 1), grades)
     sw = _rng(seed, split, k, 3)
     plans = _plan_series(_rng(seed, split, k, 2), sw, anat, opts)
-    plans, missing, mixed = _apply_switches(sw, plans, opts)
+    plans, missing, mixed = _apply_switches(sw, plans, opts, _rng(seed, split, k, 6))
     keypoints = anat.keypoints()
 
     shown = grades.copy()
@@ -409,7 +419,7 @@ def _build_study(
         truth.series.append(
             SeriesInfo(
                 p.series_id, p.description, p.contrast.name, len(p.slices), p.n_stacks, p.transfer_syntax,
-                p.dropped_tags, p.descending, p.series_id in mixed,
+                p.dropped_tags, p.descending, p.series_id in mixed, p.flipped_axes,
             )
         )  # fmt: skip
     if written and sw.random() < opts.truncated_file_rate:

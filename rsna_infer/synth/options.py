@@ -28,6 +28,10 @@ class SynthOptions:
       the first third of a single stack, gets another Rows/Columns over the same field of view).
     - ``descending_instance_rate``: per series, chance that InstanceNumber decreases along the
       slice normal.
+    - ``flipped_axes_rate``: per series, chance that the in-plane axes follow another scanner
+      convention: columns and/or rows mirrored and/or swapped (e.g. sagittal IOP
+      ``[0,-1,0,0,0,-1]``, rows running posterior). Pixel and slice order change; patient
+      coordinates and labels stay true.
     - ``stir_rate``: per study, chance that "Sagittal T2/STIR" is a STIR (fat-suppressed) series.
     - ``transfer_syntax``: "explicit_le" | "implicit" | "big_endian" | "rle" | "mixed" (per series).
     - ``missing_tags_rate``: per series, chance of dropping some of `OPTIONAL_TAGS`.
@@ -47,6 +51,7 @@ class SynthOptions:
     missing_series_rate: float = 0.0
     mixed_slice_size_rate: float = 0.0
     descending_instance_rate: float = 0.0
+    flipped_axes_rate: float = 0.0
     stir_rate: float = 0.3
     transfer_syntax: str = "explicit_le"
     missing_tags_rate: float = 0.0
@@ -96,6 +101,7 @@ OPTION_HELP: dict[str, str] = {
     "missing_series_rate": "chance one series type is absent",
     "mixed_slice_size_rate": "chance one series mixes two matrix sizes",
     "descending_instance_rate": "per series: InstanceNumber decreases along the slice normal",
+    "flipped_axes_rate": "per series: in-plane axes mirrored and/or swapped (another scanner's IOP convention)",
     "stir_rate": "per study: Sagittal T2/STIR is a fat-suppressed STIR",
     "transfer_syntax": "file encoding; 'mixed' draws one per series",
     "missing_tags_rate": "per series: drop some of " + ", ".join(OPTIONAL_TAGS),

@@ -76,6 +76,7 @@ class SeriesPlan:
     transfer_syntax: str = "explicit_le"
     dropped_tags: tuple[str, ...] = ()
     descending: bool = False
+    flipped_axes: tuple[str, ...] = ()
     stack_spacing: dict[int, float] = field(default_factory=dict)
 
     @property
@@ -240,6 +241,26 @@ def plan_axial_per_disc(
         slices += _stack(centre, row_dir, col_dir, offsets, fov, matrix, k)
         spacings[k] = round(spacing, 3)
     return slices, thickness, round(spacing, 3), spacings
+
+
+def flip_axes(p: SeriesPlan, rng: np.random.Generator) -> None:
+    """Another scanner convention for every slice of ``p`` (in place): mirror the columns
+    and/or the rows and/or swap them, at least one. Centres, fields of view and hence the
+    anatomy in patient space are unchanged; one mirror or a swap alone reverses the slice normal
+    (and with it the sorted slice order)."""
+    choice: list[str] = []
+    while not choice:
+        choice = [name for name in ("columns", "rows", "swapped") if rng.random() < 0.5]
+    for sl in p.slices:
+        if "columns" in choice:
+            sl.row_dir = -sl.row_dir
+        if "rows" in choice:
+            sl.col_dir = -sl.col_dir
+        if "swapped" in choice:
+            sl.row_dir, sl.col_dir = sl.col_dir, sl.row_dir
+            sl.rows, sl.cols = sl.cols, sl.rows
+            sl.spacing = (sl.spacing[1], sl.spacing[0])
+    p.flipped_axes = tuple(choice)
 
 
 def resize_slices(slices: list[SlicePlan], factor: float) -> None:
