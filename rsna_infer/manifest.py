@@ -1,0 +1,473 @@
+"""The weights manifest: which models make up the ensemble, where their weights are, and how
+to check that they are the ones that were trained.
+
+A manifest is one JSON file::
+
+    {
+      "version": 1,
+      "notes": "what these weights are",
+      "priors": [[[0.75, 0.17, 0.08], ...5 levels], ...5 conditions],   # optional
+      "models": [ {ModelEntry}, ... ]
+    }
+
+Weight files are safetensors (no code execution, fast loads) named relative to the manifest's
+own folder, so a manifest and its ``weights/`` folder can be moved together (e.g. into a
+Kaggle dataset). Validation happens on load, before any DICOM is read: unknown fields,
+duplicate names, missing files and (with ``verify=True``) sha256 mismatches are errors that
+name the field or file. Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .constants import CONDITIONS, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
+from .specs import ModelEntry, SpecError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+logger = logging.getLogger(__name__)
+
+#: Manifest format version this code reads and writes.
+MANIFEST_VERSION = 1
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+_SHA_RE = re.compile(r"^[0-9a-f]{64}$")
+_TOP_FIELDS = {"version", "notes", "priors", "models"}
+
+
+class ManifestError(ValueError):
+    """The manifest or one of its weight files is unusable; the message says which and why."""
+
+
+def default_priors() -> np.ndarray:
+    """[5, 5, 3] fallback priors used when a manifest has none: the metric-optimal constants
+    of `rsna_infer.submission.DEFAULT_PRIORS` (approximate competition class shares per
+    condition group). Real manifests carry per-target priors fitted on the training labels
+    (`rsna_infer.submission.priors_from_labels`)."""
+    from .submission import resolve_priors  # pandas, not torch: imported only when needed
+
+    return resolve_priors(None)
+
+
+@dataclass
+class Manifest:
+    """A validated manifest. ``root`` is the folder that entry files are relative to."""
+
+    models: list[ModelEntry] = field(default_factory=list)
+    priors: np.ndarray = field(default_factory=default_priors)  # [5 conditions, 5 levels, 3]
+    notes: str = ""
+    version: int = MANIFEST_VERSION
+    root: Path = field(default_factory=Path.cwd)
+    path: Path | None = None  # the file it was loaded from
+    sha256: str = ""  # of the file's bytes, for the run report
+    priors_given: bool = False  # False: `priors` are the documented default
+
+    def __post_init__(self) -> None:
+        self.priors = _check_priors(self.priors, "priors")
+        self.root = Path(self.root)
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ManifestError(f"{self._where()}duplicate model name(s) {dup}; names must be unique")
+        for m in self.models:
+            if not _NAME_RE.match(m.name):
+                raise ManifestError(
+                    f"{self._where()}model name {m.name!r} must be letters, digits, '_', '.', '-' (it names files and report rows)"
+                )
+            if m.stage == 1 and m.blend:
+                raise ManifestError(
+                    f"{self._where()}model {m.name!r}: 'blend' is for stage-2 members; stage-1 folds are averaged"
+                )
+            if m.sha256 and not _SHA_RE.match(m.sha256):
+                raise ManifestError(f"{self._where()}model {m.name!r}: sha256 must be 64 lowercase hex digits, got {m.sha256!r}")
+
+    def _where(self) -> str:
+        return f"manifest {self.path}: " if self.path else ""
+
+    def resolve(self, entry: ModelEntry) -> Path:
+        """Absolute path of an entry's weight file."""
+        p = Path(entry.file)
+        return p if p.is_absolute() else (self.root / p)
+
+    def entry(self, name: str) -> ModelEntry:
+        for m in self.models:
+            if m.name == name:
+                return m
+        raise KeyError(f"no model named {name!r} in the manifest")
+
+    @property
+    def stage1(self) -> list[ModelEntry]:
+        return [m for m in self.models if m.stage == 1]
+
+    @property
+    def stage2(self) -> list[ModelEntry]:
+        return [m for m in self.models if m.stage == 2]
+
+    def check_files(self, verify: bool = False) -> None:
+        """Every weight file exists (and, with ``verify``, matches its sha256)."""
+        for m in self.models:
+            p = self.resolve(m)
+            if not p.is_file():
+                raise ManifestError(
+                    f"{self._where()}model {m.name!r}: weights file not found: {p} "
+                    f"(entry file {m.file!r}, relative to {self.root})"
+                )
+            if verify:
+                if not m.sha256:
+                    raise ManifestError(
+                        f"{self._where()}model {m.name!r}: no sha256 recorded for {p}; "
+                        "add it with `rsna-infer manifest add` or export_model"
+                    )
+                got = sha256_file(p)
+                if got != m.sha256:
+                    raise ManifestError(
+                        f"{self._where()}model {m.name!r}: sha256 mismatch for {p}: manifest says {m.sha256}, "
+                        f"file has {got} (wrong or corrupted weights file)"
+                    )
+
+    def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
+        """JSON-ready dict; entry files are rewritten relative to ``relative_to`` when given."""
+        models = []
+        for m in self.models:
+            d = m.to_dict()
+            if relative_to is not None and not Path(m.file).is_absolute():
+                d["file"] = Path(os.path.relpath(self.resolve(m), relative_to)).as_posix()
+            models.append(d)
+        out: dict[str, Any] = {"version": self.version, "notes": self.notes}
+        if self.priors_given:
+            out["priors"] = np.round(self.priors, 6).tolist()
+        out["models"] = models
+        return out
+
+
+def load_manifest(path: str | os.PathLike, verify: bool = False, check_files: bool = True) -> Manifest:
+    """Read and validate a manifest.
+
+    ``check_files``: every weight file must exist. ``verify``: also compare sha256 (reads every
+    weight file once; a few seconds per GB). Raises `ManifestError` naming the field or file.
+    """
+    path = Path(path).expanduser().resolve()
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    raw = path.read_bytes()
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ManifestError(f"manifest {path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    man = manifest_from_dict(data, root=path.parent, path=path)
+    man.sha256 = hashlib.sha256(raw).hexdigest()
+    if check_files or verify:
+        man.check_files(verify=verify)
+    return man
+
+
+def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | None = None) -> Manifest:
+    """Validate a parsed manifest (files are not checked; see `Manifest.check_files`)."""
+    where = f"manifest {path}: " if path else "manifest: "
+    if not isinstance(data, dict):
+        raise ManifestError(f"{where}top level must be an object with 'models', got {type(data).__name__}")
+    unknown = set(data) - _TOP_FIELDS
+    if unknown:
+        raise ManifestError(f"{where}unknown field(s) {sorted(unknown)}; allowed {sorted(_TOP_FIELDS)}")
+    version = data.get("version", MANIFEST_VERSION)
+    if version != MANIFEST_VERSION:
+        raise ManifestError(f"{where}version {version!r} is not supported; this rsna_infer reads version {MANIFEST_VERSION}")
+    models_raw = data.get("models")
+    if not isinstance(models_raw, list):
+        raise ManifestError(f"{where}'models' must be a list of model entries")
+    models = []
+    for i, d in enumerate(models_raw):
+        try:
+            models.append(ModelEntry.from_dict(d))
+        except (SpecError, TypeError, ValueError) as e:
+            raise ManifestError(f"{where}models[{i}]: {e}") from None
+    notes = data.get("notes", "")
+    if not isinstance(notes, str):
+        raise ManifestError(f"{where}'notes' must be a string")
+    try:
+        priors = _check_priors(data["priors"], "priors") if "priors" in data else default_priors()
+    except ManifestError as e:
+        raise ManifestError(f"{where}{e}") from None
+    return Manifest(
+        models=models, priors=priors, notes=notes, version=version, root=Path(root).resolve(), path=path,
+        priors_given="priors" in data,
+    )
+
+
+def save_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
+    """Write ``manifest`` as JSON at ``path``; entry files are made relative to its folder."""
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
+def _check_priors(priors: Any, name: str) -> np.ndarray:
+    """[5, 5, 3] priors from a [3] (every target), [5, 3] (per condition) or [5, 5, 3] list."""
+    try:
+        arr = np.asarray(priors, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ManifestError(f"{name} must be a [5 conditions][5 levels][3 classes] list of numbers") from None
+    if arr.shape == (N_CLASSES,):
+        arr = np.broadcast_to(arr, (N_CONDITIONS, N_LEVELS, N_CLASSES))
+    elif arr.shape == (N_CONDITIONS, N_CLASSES):
+        arr = np.broadcast_to(arr[:, None, :], (N_CONDITIONS, N_LEVELS, N_CLASSES))
+    if arr.shape != (N_CONDITIONS, N_LEVELS, N_CLASSES):
+        raise ManifestError(
+            f"{name} must have shape [5, 5, 3] (conditions {CONDITIONS} x levels x classes), [5, 3] or [3]; got {list(arr.shape)}"
+        )
+    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
+        raise ManifestError(f"{name} must be finite and >= 0")
+    sums = arr.sum(-1)
+    if np.any(np.abs(sums - 1.0) > 1e-3):
+        raise ManifestError(f"{name}: each target's 3 class probabilities must sum to 1 (got sums from {sums.min():.4f} to {sums.max():.4f})")
+    return arr / sums[..., None]
+
+
+# -- files and weights -----------------------------------------------------------------------
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _unwrap(model: "nn.Module") -> "nn.Module":
+    """The plain module under DistributedDataParallel / torch.compile wrappers."""
+    for attr in ("module", "_orig_mod"):
+        while hasattr(model, attr) and type(model).__name__ in ("DistributedDataParallel", "DataParallel", "OptimizedModule"):
+            model = getattr(model, attr)
+    return model
+
+
+def export_model(model: "nn.Module", entry: ModelEntry, out_dir: str | os.PathLike, subdir: str = "weights") -> ModelEntry:
+    """Save ``model``'s state dict as ``out_dir/subdir/{entry.name}.safetensors``.
+
+    Returns a copy of ``entry`` whose ``file`` is relative to ``out_dir`` (where the manifest
+    goes) and whose ``sha256`` is filled in. Tied (shared) tensors are stored once.
+    """
+    from safetensors.torch import save_model
+
+    if not _NAME_RE.match(entry.name):
+        raise ManifestError(f"model name {entry.name!r} must be letters, digits, '_', '.', '-' (it becomes a file name)")
+    out_dir = Path(out_dir)
+    rel = Path(subdir) / f"{entry.name}.safetensors"
+    dest = out_dir / rel
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"name": entry.name, "family": entry.family, "variant": entry.variant, "arch": entry.arch, "fold": str(entry.fold)}
+    save_model(_unwrap(model), str(dest), metadata=meta)
+    return replace(entry, file=rel.as_posix(), sha256=sha256_file(dest))
+
+
+def load_weights(model: "nn.Module", path: str | os.PathLike, strict: bool = True, device: str = "cpu") -> tuple[list[str], list[str]]:
+    """Load a safetensors state dict into ``model``; returns ``(missing, unexpected)`` keys.
+
+    With ``strict`` any missing or unexpected key (or shape mismatch) raises `ManifestError`
+    listing them, so a weights file never silently half-loads into the wrong architecture.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"weights file not found: {path}")
+    try:
+        missing, unexpected = load_model(_unwrap(model), str(path), strict=False, device=device)
+    except SafetensorError as e:
+        raise ManifestError(f"{path}: not a readable safetensors file ({e})") from None
+    except RuntimeError as e:  # shape mismatch from load_state_dict
+        raise ManifestError(f"{path}: weights do not fit the model: {e}") from None
+    missing, unexpected = sorted(missing), sorted(unexpected)
+    if strict and (missing or unexpected):
+        raise ManifestError(
+            f"{path}: weights do not match the model architecture: "
+            f"{len(missing)} missing key(s) {_head(missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}"
+        )
+    return missing, unexpected
+
+
+def _head(keys: list[str], n: int = 5) -> str:
+    return str(keys[:n]) + (" ..." if len(keys) > n else "")
+
+
+# -- resolution of the manifest to use -------------------------------------------------------
+
+#: Environment variable naming the manifest when none is passed.
+MANIFEST_ENV = "RSNA_INFER_MANIFEST"
+
+
+def packaged_demo_manifest() -> Path:
+    """Where the demo manifest ships inside the package (it may be absent in a checkout)."""
+    return Path(__file__).resolve().parent / "demo" / "weights_manifest.json"
+
+
+def resolve_manifest_path(manifest: str | os.PathLike | None = None) -> tuple[Path, bool]:
+    """``(path, is_demo)``: the argument, else ``$RSNA_INFER_MANIFEST``, else the packaged demo.
+
+    Raises `ManifestError` saying what to pass when none exists.
+    """
+    if manifest is not None:
+        p = Path(manifest).expanduser()
+        if not p.is_file():
+            raise ManifestError(f"manifest not found: {p}")
+        return p.resolve(), p.resolve() == packaged_demo_manifest()
+    env = os.environ.get(MANIFEST_ENV)
+    if env:
+        p = Path(env).expanduser()
+        if not p.is_file():
+            raise ManifestError(f"${MANIFEST_ENV} points at {p}, which does not exist")
+        return p.resolve(), p.resolve() == packaged_demo_manifest()
+    demo = packaged_demo_manifest()
+    if demo.is_file():
+        return demo, True
+    raise ManifestError(
+        "no weights manifest: pass manifest=PATH (CLI: --manifest PATH) or set "
+        f"${MANIFEST_ENV}; the packaged demo manifest ({demo}) is not installed either"
+    )
+
+
+# -- command line: rsna-infer manifest add|verify|summary ------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    a = sub.add_parser("add", help="add a model (entry JSON + weights file) to a manifest (created if absent)")
+    a.add_argument("manifest", type=Path, help="manifest JSON to create or update")
+    a.add_argument("--entry", type=Path, required=True, help="JSON file with one model entry (file/sha256 are filled in)")
+    a.add_argument("--weights", type=Path, required=True, help="safetensors weights of that model")
+    a.add_argument("--replace", action="store_true", help="replace an existing entry of the same name")
+    a.add_argument("--no-copy", action="store_true", help="reference the weights where they are instead of copying them into MANIFEST_DIR/weights/")
+    v = sub.add_parser("verify", help="sha256 + strict load + one dummy forward for every model")
+    v.add_argument("manifest", type=Path)
+    v.add_argument("--device", default="cpu", help="device for the dummy forwards (default: cpu)")
+    s = sub.add_parser("summary", help="table of the models by stage/family/fold with their blend weights")
+    s.add_argument("manifest", type=Path)
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    try:
+        if args.action == "add":
+            entry = add_model(args.manifest, args.entry, args.weights, replace_existing=args.replace, copy=not args.no_copy)
+            print(f"added {entry.name} ({entry.family}/{entry.variant}, {entry.arch}, fold {entry.fold}) -> {args.manifest}")
+            return 0
+        if args.action == "verify":
+            return _cli_verify(args.manifest, args.device)
+        if args.action == "summary":
+            man = load_manifest(args.manifest, check_files=False)
+            print(summary_table(man))
+            return 0
+    except ManifestError as e:
+        print(f"error: {e}")
+        return 1
+    raise ValueError(f"unknown action {args.action!r}")
+
+
+def add_model(
+    manifest_path: str | os.PathLike,
+    entry_json: str | os.PathLike,
+    weights: str | os.PathLike,
+    replace_existing: bool = False,
+    copy: bool = True,
+) -> ModelEntry:
+    """Add one model to a manifest file (created when absent) and return its final entry."""
+    manifest_path = Path(manifest_path).expanduser().resolve()
+    weights = Path(weights).expanduser().resolve()
+    if not weights.is_file():
+        raise ManifestError(f"weights file not found: {weights}")
+    try:
+        raw = json.loads(Path(entry_json).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ManifestError(f"entry {entry_json}: cannot read ({e})") from None
+    if isinstance(raw, dict):
+        raw = {**raw, "file": raw.get("file", weights.name)}
+    try:
+        entry = ModelEntry.from_dict(raw)
+    except SpecError as e:
+        raise ManifestError(f"entry {entry_json}: {e}") from None
+    man = load_manifest(manifest_path, check_files=False) if manifest_path.is_file() else Manifest(root=manifest_path.parent, path=manifest_path)
+    if any(m.name == entry.name for m in man.models) and not replace_existing:
+        raise ManifestError(f"manifest {manifest_path}: model {entry.name!r} already exists (use --replace)")
+    if copy:
+        dest = manifest_path.parent / "weights" / f"{entry.name}.safetensors"
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if dest.resolve() != weights:
+            shutil.copyfile(weights, dest)
+    else:
+        dest = weights
+    digest = sha256_file(dest)
+    if entry.sha256 and entry.sha256 != digest:
+        raise ManifestError(f"entry {entry_json}: sha256 {entry.sha256} does not match {weights} ({digest})")
+    file = os.path.relpath(dest, manifest_path.parent)
+    entry = replace(entry, file=Path(file).as_posix(), sha256=digest)
+    models = [m for m in man.models if m.name != entry.name] + [entry]
+    new = Manifest(models=models, priors=man.priors, notes=man.notes, root=manifest_path.parent, path=manifest_path, priors_given=man.priors_given)
+    save_manifest(new, manifest_path)
+    return entry
+
+
+def summary_table(man: Manifest) -> str:
+    """A fixed-width table of the manifest's models (torch-free)."""
+    head = ("name", "stage", "family", "variant", "arch", "fold", "input", *(f"w_{g[:4]}" for g in GROUPS), "MB")
+    rows = []
+    for m in sorted(man.models, key=lambda e: (e.stage, e.family, e.variant, e.arch, e.fold, e.name)):
+        p = man.resolve(m)
+        size = f"{p.stat().st_size / 1e6:.1f}" if p.is_file() else "missing"
+        if m.stage == 2:
+            w = [f"{m.blend.get(g, 0.0) if m.blend else 1.0:.3g}" for g in GROUPS]
+        else:
+            w = ["-"] * len(GROUPS)
+        rows.append((m.name, str(m.stage), m.family, m.variant, m.arch, str(m.fold), "x".join(map(str, m.input.size)), *w, size))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+    lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+    lines.append(
+        f"{len(man.models)} model(s): {len(man.stage1)} stage-1, {len(man.stage2)} stage-2; "
+        f"priors: {'from the manifest' if man.priors_given else 'default (rsna_infer.submission.DEFAULT_PRIORS)'}"
+    )
+    if man.notes:
+        lines.append(f"notes: {man.notes}")
+    return "\n".join(lines)
+
+
+def _cli_verify(path: Path, device: str) -> int:
+    from .members import load_member
+
+    man = load_manifest(path, check_files=False)
+    failed = 0
+    for m in man.models:
+        try:
+            p = man.resolve(m)
+            if not p.is_file():
+                raise ManifestError(f"weights file not found: {p}")
+            if not m.sha256:
+                raise ManifestError(f"no sha256 recorded for {p}")
+            got = sha256_file(p)
+            if got != m.sha256:
+                raise ManifestError(f"sha256 mismatch for {p}: manifest {m.sha256}, file {got}")
+            load_member(m, p, device=device, tta=True)
+            print(f"ok    {m.name}")
+        except Exception as e:  # report every model, not just the first failure
+            failed += 1
+            print(f"FAIL  {m.name}: {e}")
+    print(f"{len(man.models) - failed}/{len(man.models)} model(s) verified")
+    return 1 if failed else 0

@@ -1,0 +1,184 @@
+"""``run_report.json``: what a prediction run did, written beside the submission.
+
+It answers the questions asked after a long offline run: which code and weights produced
+this CSV (versions, manifest hash, models), how long each stage took, and what went wrong
+for which study (warnings, exceptions, fallback rows, shed work). It also carries the final
+keypoints of every study in patient coordinates, so the demo can measure keypoint error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from .constants import N_CONDITIONS, N_LEVELS
+
+if TYPE_CHECKING:
+    from .stage1.keypoints import KeypointSet, StudyKeypoints
+
+#: Distributions whose versions every report records.
+VERSIONED = ("rsna-infer", "torch", "timm", "timm-3d", "pydicom", "numpy", "pandas", "safetensors")
+N_TARGETS = N_CONDITIONS * N_LEVELS
+
+
+def package_versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+class Timings:
+    """Seconds spent per named stage (``"stage1/sag3d_t2"``, ``"load"``...), additive."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def add(self, key: str, seconds: float) -> None:
+        self.seconds[key] = self.seconds.get(key, 0.0) + float(seconds)
+
+    @contextlib.contextmanager
+    def timed(self, key: str) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.add(key, time.perf_counter() - t0)
+
+    def merge(self, other: "Timings") -> None:
+        for k, v in other.seconds.items():
+            self.add(k, v)
+
+    def to_dict(self) -> dict[str, float]:
+        return {k: round(v, 4) for k, v in sorted(self.seconds.items())}
+
+
+@dataclass
+class StudyRecord:
+    """One study's outcome.
+
+    ``status``: ``ok`` (every target from models), ``partial`` (some targets from priors),
+    ``fallback`` (all 25 from priors: nothing usable, or an exception), ``skipped`` (the
+    deadline guard gave it priors without reading it).
+    """
+
+    study_id: int
+    status: str = "ok"
+    prior_targets: int = 0
+    warnings: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    keypoints: dict[str, Any] = field(default_factory=dict)
+    cross_view: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def warn(self, msg: str) -> None:
+        self.warnings.append(msg)
+
+    def error(self, where: str, exc: BaseException) -> None:
+        self.errors.append(f"{where}: {type(exc).__name__}: {exc}")
+
+    def set_prior_targets(self, n: int) -> None:
+        self.prior_targets = int(n)
+        if self.status == "skipped":
+            return
+        self.status = "fallback" if n >= N_TARGETS else "partial" if n > 0 else "ok"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["seconds"] = round(self.seconds, 4)
+        return d
+
+
+def keypoint_set_dict(s: "KeypointSet") -> dict[str, Any]:
+    """JSON form of one set: world mm (None where missing), confidence, series/stack."""
+    valid = s.valid
+    return {
+        "kind": s.kind,
+        "source": s.source,
+        "world": [np.round(w, 2).tolist() if ok else None for w, ok in zip(s.world, valid)],
+        "confidence": np.round(s.confidence, 4).tolist(),
+        "series_id": s.series_id.tolist(),
+        "stack_index": s.stack_index.tolist(),
+    }
+
+
+def keypoints_dict(kp: "StudyKeypoints") -> dict[str, Any]:
+    """Every set of a study plus the merged best set per kind (``best/<kind>``)."""
+    from .stage1.keypoints import POINT_KINDS
+
+    out = {key: keypoint_set_dict(s) for key, s in sorted(kp.sets.items())}
+    for kind in POINT_KINDS:
+        best = kp.best(kind)
+        if best is not None:
+            out[f"best/{kind}"] = keypoint_set_dict(best)
+    return out
+
+
+@dataclass
+class RunReport:
+    """Everything about one run; `write` puts it in ``run_report.json``."""
+
+    versions: dict[str, str | None] = field(default_factory=package_versions)
+    started: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    argv: list[str] = field(default_factory=lambda: list(sys.argv))
+    host: dict[str, Any] = field(default_factory=lambda: {"platform": platform.platform(), "cpus": os.cpu_count()})
+    test_dir: str = ""
+    out_csv: str = ""
+    manifest: dict[str, Any] = field(default_factory=dict)
+    devices: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    models: list[dict[str, Any]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    n_studies: int = 0
+    wall_s: float = 0.0
+    studies_per_s: float = 0.0
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)
+    summary: dict[str, int] = field(default_factory=dict)
+    deadline: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    studies: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add_studies(self, records: list[StudyRecord]) -> None:
+        for r in records:
+            self.studies[str(r.study_id)] = r.to_dict()
+        counts: dict[str, int] = {}
+        for r in self.studies.values():
+            counts[r["status"]] = counts.get(r["status"], 0) + 1
+        self.summary = {"studies": len(self.studies), **dict(sorted(counts.items())),
+                        "studies_with_errors": sum(bool(r["errors"]) for r in self.studies.values()),
+                        "prior_targets": sum(r["prior_targets"] for r in self.studies.values())}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def write(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        os.replace(tmp, path)
+        return path
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return repr(o)

@@ -1,0 +1,134 @@
+"""End to end: phantom test roots through every real family (tiny random-init models)."""
+
+import json
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from rsna_infer import predict
+from rsna_infer.constants import study_row_ids
+from rsna_infer.manifest import ManifestError
+from rsna_infer.random_weights import make_random_manifest
+from rsna_infer.synth import make_dataset
+
+pytestmark = pytest.mark.slow
+CLASSES = ["normal_mild", "moderate", "severe"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine: more threads only oversubscribe."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def tiny_manifest(tmp_path_factory):
+    return make_random_manifest(tmp_path_factory.mktemp("tiny"), seed=3)
+
+
+def _run(root, man, out, **kw):
+    kw.setdefault("num_workers", 0)
+    kw.setdefault("progress", False)
+    kw.setdefault("chunk_size", 4)
+    df = predict(root, out / "submission.csv", manifest=man, device="cpu", **kw)
+    return df, json.loads((out / "run_report.json").read_text())
+
+
+def _check_valid(df, root, split="test"):
+    ids = sorted(pd.read_csv(root / f"{split}_series_descriptions.csv").study_id.unique())
+    assert list(df.row_id) == [r for s in ids for r in study_row_ids(s)]
+    v = df[CLASSES].to_numpy()
+    assert np.isfinite(v).all() and (v >= 0).all()
+    np.testing.assert_allclose(v.sum(1), 1.0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def baseline(phantom_test_root, tiny_manifest, tmp_path_factory):
+    """One in-process run on the shared phantom root, watched by a socket audit hook."""
+    events = []
+    armed = [True]
+
+    def hook(event, args):
+        if armed[0] and event.startswith("socket.") and event != "socket.__new__":
+            events.append((event, args))
+
+    sys.addaudithook(hook)  # hooks cannot be removed: 'armed' switches it off afterwards
+    try:
+        df, rep = _run(phantom_test_root, tiny_manifest, tmp_path_factory.mktemp("baseline"))
+    finally:
+        armed[0] = False
+    return df, rep, events
+
+
+def test_phantom_run_is_complete_and_valid(phantom_test_root, baseline):
+    df, rep, _ = baseline
+    _check_valid(df, phantom_test_root)
+    solution = pd.read_csv(phantom_test_root / "solution.csv")
+    assert set(df.row_id) == set(solution.row_id)
+    # a clean phantom: every study fully predicted by the models, no errors
+    assert rep["summary"]["ok"] == rep["n_studies"] == 4 and rep["summary"]["studies_with_errors"] == 0
+    for sid, rec in rep["studies"].items():
+        kp = rec["keypoints"]
+        for kind, n in (("spinal", 5), ("foraminal", 10), ("subarticular", 10)):
+            pts = kp[f"best/{kind}"]["world"]
+            assert len(pts) == n and all(p is None or len(p) == 3 for p in pts)
+        assert {"sag2d_t2", "sag3d_t2", "sag2d_t1", "sag3d_t1", "axial3d", "axial_level"} <= set(kp)
+        assert "cross_view" in rec["cross_view"]
+    assert {m["family"] for m in rep["models"]} == {"sag2d", "sag3d", "axial3d", "axial_level", "axial_xy", "fusion", "roi"}
+
+
+def test_no_socket_is_opened_during_a_run(baseline):
+    assert baseline[2] == []
+
+
+def test_identical_across_runs_and_num_workers(phantom_test_root, tiny_manifest, baseline, tmp_path):
+    again, rep = _run(phantom_test_root, tiny_manifest, tmp_path / "w2", num_workers=2, chunk_size=4)
+    pd.testing.assert_frame_equal(baseline[0], again, check_exact=True)
+    assert rep["settings"]["num_workers"] == 2
+
+
+#: Every realism switch of the phantom at rate 1, in three roots (geometry, files, gaps).
+SWITCHES = {
+    "geometry": {"second_axial_rate": 1.0, "multi_stack_rate": 1.0, "mixed_slice_size_rate": 1.0,
+                 "descending_instance_rate": 1.0, "stir_rate": 1.0},
+    "files": {"transfer_syntax": "mixed", "missing_tags_rate": 1.0, "truncated_file_rate": 1.0, "stray_file_rate": 1.0},
+    "gaps": {"missing_series_rate": 1.0, "n_axial_series": 3},
+}
+
+
+@pytest.mark.parametrize("switch", sorted(SWITCHES))
+def test_every_realism_switch_survives(switch, tiny_manifest, tmp_path):
+    root = make_dataset(tmp_path / "root", 3, split="test", seed=11, image_size=(40, 56), **SWITCHES[switch]).root
+    df, rep = _run(root, tiny_manifest, tmp_path / "out")
+    _check_valid(df, root)
+    for sid, rec in rep["studies"].items():
+        assert rec["errors"] == [], (sid, rec["errors"])
+        if switch != "gaps":
+            assert rec["status"] == "ok", (sid, rec["status"], rec["fallbacks"])
+        else:  # one series type is missing in every study: reported, and the others still predict
+            assert any("no " in w for w in rec["warnings"]), sid
+            assert rec["prior_targets"] < 25, sid
+    if switch == "files":
+        assert any(rec["warnings"] for rec in rep["studies"].values())
+
+
+def test_weight_problems_fail_fast_naming_the_file(phantom_test_root, tiny_manifest, tmp_path):
+    import shutil
+
+    man_dir = tmp_path / "m"
+    shutil.copytree(tiny_manifest.parent, man_dir)
+    w = man_dir / "weights" / "roi_spinal.safetensors"
+    w.write_bytes(w.read_bytes()[:-16] + bytes(16))
+    with pytest.raises(ManifestError, match=r"roi_spinal.*sha256 mismatch for .*roi_spinal\.safetensors"):
+        _run(phantom_test_root, man_dir / "weights_manifest.json", tmp_path / "a")
+    w.unlink()
+    with pytest.raises(ManifestError, match=r"weights file not found: .*roi_spinal\.safetensors"):
+        _run(phantom_test_root, man_dir / "weights_manifest.json", tmp_path / "a")
+    assert not (tmp_path / "a").exists()
