@@ -440,3 +440,18 @@ def test_cli_writes_a_test_root(tmp_path, capsys):
     assert sorted(series.study_id.unique()) == [1000, 1001]
     assert (series.series_description == "Axial T2").sum() == 4
     assert (tmp_path / "solution.csv").exists()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_spine_stays_finite_far_from_the_curve(dtype):
+    """Regression: the foot-point Newton step diverged for image corners far from the spine
+    (NaN -> int cast -> IndexError while rendering a 384-px study)."""
+    anat = sample_anatomy(np.random.default_rng(5), np.zeros((5, 5), np.int64))
+    rng = np.random.default_rng(0)
+    centre = anat.from_spine(np.zeros(1), np.zeros(1), np.zeros(1))[0]
+    far = centre + rng.uniform(-250, 250, size=(20000, 3))
+    u, d, s = anat.to_spine(far.astype(dtype))
+    assert np.isfinite(u).all() and np.isfinite(d).all() and np.isfinite(s).all()
+    near = anat.from_spine(np.zeros(50), rng.uniform(-5, 5, 50), rng.uniform(-60, 60, 50))
+    _, d_near, _ = anat.to_spine(near)
+    assert np.all(np.abs(d_near) < 6)

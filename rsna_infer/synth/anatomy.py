@@ -136,7 +136,12 @@ class Anatomy:
         for _ in range(3):
             f, f1, f2 = lookup(t, range(3))
             dv = v - f
-            t = t - (dv * f1 + (w - t)) / (-f1 * f1 + dv * f2 - 1.0)
+            # Newton on the squared distance; far from the curve its curvature term can make
+            # the Hessian vanish or turn negative, so it is floored at half the Gauss-Newton
+            # value (1 + f1²), which keeps every step finite and descending.
+            gauss_newton = 1.0 + f1 * f1
+            hessian = np.maximum(gauss_newton - dv * f2, dt(0.5) * gauss_newton)
+            t = t + (dv * f1 + (w - t)) / hessian
         f, f1, s = lookup(t, (0, 1, 3))
         d = ((v - f) - (w - t) * f1) / np.sqrt(1 + f1 * f1)
         return u.reshape(shape), d.reshape(shape), s.reshape(shape)
