@@ -449,7 +449,13 @@ def test_to_spine_stays_finite_far_from_the_curve(dtype):
     anat = sample_anatomy(np.random.default_rng(5), np.zeros((5, 5), np.int64))
     rng = np.random.default_rng(0)
     centre = anat.from_spine(np.zeros(1), np.zeros(1), np.zeros(1))[0]
-    far = centre + rng.uniform(-250, 250, size=(20000, 3))
+    # Points at the centre line's centres of curvature, where the plain Newton Hessian is 0.
+    t0 = np.linspace(-200, 200, 4001)
+    f, f1, f2 = anat._f(t0), anat._f1(t0), anat._f2(t0)
+    ok = np.abs(f2) > 1e-6
+    v = f[ok] + (1 + f1[ok] ** 2) / f2[ok]
+    singular = anat.local_to_world(np.stack([np.zeros_like(v), v, t0[ok]], axis=1))
+    far = np.concatenate([centre + rng.uniform(-250, 250, size=(20000, 3)), singular])
     u, d, s = anat.to_spine(far.astype(dtype))
     assert np.isfinite(u).all() and np.isfinite(d).all() and np.isfinite(s).all()
     near = anat.from_spine(np.zeros(50), rng.uniform(-5, 5, 50), rng.uniform(-60, 60, 50))
