@@ -30,7 +30,6 @@ from ..backbones import create_backbone
 from ..constants import AXIAL_T2, N_LEVELS
 from ..family import Sample
 from ..imaging import (
-    AP_AXIS,
     LATERAL_AXIS,
     canonical_slice_index,
     orient,
@@ -40,7 +39,7 @@ from ..imaging import (
     view_alignment,
 )
 from ..specs import SpecError
-from .common import MIN_VIEW_ALIGNMENT, POINT_MODEL_KWARGS, PointFamily, Stage1Family
+from .common import MIN_VIEW_ALIGNMENT, POINT_MODEL_KWARGS, PerStackFamily, PointFamily, Stage1Family
 from .keypoints import KeypointSet, StudyKeypoints, truth_key
 
 if TYPE_CHECKING:
@@ -65,11 +64,12 @@ def _check_channels(family: Stage1Family) -> None:
                         f"in_chans={spec.in_chans}")
 
 
-class AxialLevelFamily(Stage1Family):
+class AxialLevelFamily(PerStackFamily):
     """Per-slice level classification over axial stacks -> z and confidence per (side, level)."""
 
     name = "axial_level"
     view = "axial"
+    series_type = AXIAL_T2
     extra_keys = ("aug", "max_slices")
     model_kwarg_keys = ("hidden", "attention", "heads", "dropout", "z_window", "tta_lr", "none_weight")
 
@@ -136,9 +136,10 @@ class AxialLevelFamily(Stage1Family):
         out = self._probs(model, batch)
         if not tta:
             return out
-        outs = [out, self._probs(model, dict(batch, image=batch["image"].flip(AP_AXIS[self.view] - 3)))]
-        if self.entry.model_kwargs.get("tta_lr", False):  # a left/right mirror swaps the sides
-            outs.append(self._probs(model, dict(batch, image=batch["image"].flip(LATERAL_AXIS[self.view] - 3))).flip(2))
+        outs = [out]
+        for axis in self.tta_flips:  # canonical axis k is tensor dim k - 3
+            probs = self._probs(model, dict(batch, image=batch["image"].flip(axis - 3)))
+            outs.append(probs.flip(2) if axis == LATERAL_AXIS[self.view] else probs)  # a left/right mirror swaps the sides
         return sum(outs) / len(outs)
 
     @staticmethod
@@ -165,21 +166,13 @@ class AxialLevelFamily(Stage1Family):
         return F.cross_entropy(logits, cls, weight=weight, ignore_index=-1)
 
     # -- data ---------------------------------------------------------------------------
-    def prepare(
-        self,
-        study: "Study",
-        keypoints: StudyKeypoints | None = None,
-        rng: np.random.Generator | None = None,
-    ) -> list[Sample]:
-        samples = []
+    def stack_sample(self, study_id: int, vol: "Volume", rng: np.random.Generator | None) -> Sample:
         max_slices = int(self.spec.extra.get("max_slices", 0))
-        for vol in self.volumes(study, AXIAL_T2):
-            n = vol.shape[0]
-            idx = np.unique(sample_slice_indices(n, max_slices)) if 0 < max_slices < n else np.arange(n)
-            prep = prepare_slices(vol, self.view, idx, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
-            src = source_slice_index(prep.transform, idx)
-            samples.append(Sample(study.study_id, {"image": prep.image}, self.base_meta(vol, prep.transform, source_slices=src)))
-        return samples
+        n = vol.shape[0]
+        idx = np.unique(sample_slice_indices(n, max_slices)) if 0 < max_slices < n else np.arange(n)
+        prep = prepare_slices(vol, self.view, idx, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
+        src = source_slice_index(prep.transform, idx)
+        return Sample(study_id, {"image": prep.image}, self.base_meta(vol, prep.transform, source_slices=src))
 
     def decode(self, output: np.ndarray, sample: Sample, study: "Study") -> KeypointSet:
         vol = self.find_volume(sample, study)
@@ -265,13 +258,6 @@ class AxialXYFamily(PointFamily):
     @property
     def lr_permutation(self) -> np.ndarray | None:
         return np.array([1, 0])
-
-    @property
-    def tta_flips(self) -> list[int]:
-        flips = [AP_AXIS[self.view]]
-        if self.entry.model_kwargs.get("tta_lr", False):
-            flips.append(LATERAL_AXIS[self.view])
-        return flips
 
     def source_set(self, keypoints: StudyKeypoints | None) -> KeypointSet | None:
         """The set whose slices are refined: ``axial_level``, else the truth (training)."""

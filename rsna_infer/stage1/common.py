@@ -76,6 +76,15 @@ class Stage1Family(KeypointFamily):
     def _kw(self, key: str, default: float) -> float:
         return float(self.entry.model_kwargs.get(key, default))
 
+    @property
+    def tta_flips(self) -> list[int]:
+        """Canonical axes flipped for TTA: anterior/posterior (never changes laterality), plus the
+        left/right mirror when ``model_kwargs.tta_lr`` (accepted only where outputs swap sides)."""
+        flips = [AP_AXIS[self.view]]
+        if self.entry.model_kwargs.get("tta_lr", False):
+            flips.append(LATERAL_AXIS[self.view])
+        return flips
+
     def merge_sets(self, sets: list[KeypointSet], previous: KeypointSet | None = None) -> KeypointSet | None:
         """One set from the decoded sets of a study's samples (one per stack): per point the most
         confident valid one. ``previous`` (the set already stored under `set_key`) takes part."""
@@ -137,6 +146,27 @@ class Stage1Family(KeypointFamily):
         )
 
 
+class PerStackFamily(Stage1Family):
+    """A family with one sample per stack of `series_type` that it can read."""
+
+    @property
+    @abstractmethod
+    def series_type(self) -> str:
+        """Series type whose stacks are read."""
+
+    @abstractmethod
+    def stack_sample(self, study_id: int, vol: "Volume", rng: np.random.Generator | None) -> Sample:
+        """The sample of one stack (``rng``: training augmentation)."""
+
+    def prepare(
+        self,
+        study: "Study",
+        keypoints: StudyKeypoints | None = None,
+        rng: np.random.Generator | None = None,
+    ) -> list[Sample]:
+        return [self.stack_sample(study.study_id, vol, rng) for vol in self.volumes(study, self.series_type)]
+
+
 class PointFamily(Stage1Family):
     """A keypoint family whose network regresses a fixed list of points."""
 
@@ -175,11 +205,6 @@ class PointFamily(Stage1Family):
     @property
     def confidence(self) -> float:
         return float(self.entry.model_kwargs.get("confidence", self.default_confidence))
-
-    @property
-    def tta_flips(self) -> list[int]:
-        """Canonical axes flipped for TTA: the anterior/posterior axis (never changes laterality)."""
-        return [AP_AXIS[self.view]]
 
     # -- network ------------------------------------------------------------------------
     def build(self) -> "nn.Module":
@@ -277,7 +302,7 @@ class PointFamily(Stage1Family):
         }
 
 
-class VolumePointFamily(PointFamily):
+class VolumePointFamily(PerStackFamily, PointFamily):
     """A 3-D model on a whole stack resampled to ``input.size`` (D, H, W) -> xyz per point."""
 
     dims = 3
@@ -291,25 +316,13 @@ class VolumePointFamily(PointFamily):
         return self.kinds[self.entry.variant]
 
     @property
-    def tta_flips(self) -> list[int]:
-        """A/P flip; plus the left/right mirror (outputs swapped) when ``model_kwargs.tta_lr``."""
-        flips = [AP_AXIS[self.view]]
-        if self.entry.model_kwargs.get("tta_lr", False):
-            flips.append(LATERAL_AXIS[self.view])
-        return flips
+    def series_type(self) -> str:
+        return self.series_types[self.entry.variant]
 
-    def prepare(
-        self,
-        study: "Study",
-        keypoints: StudyKeypoints | None = None,
-        rng: np.random.Generator | None = None,
-    ) -> list[Sample]:
-        samples = []
-        for vol in self.volumes(study, self.series_types[self.entry.variant]):
-            prep = prepare_volume(vol, self.view, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
-            image = np.repeat(prep.image[None], self.spec.in_chans, axis=0)
-            samples.append(Sample(study.study_id, {"image": image}, self.base_meta(vol, prep.transform)))
-        return samples
+    def stack_sample(self, study_id: int, vol: "Volume", rng: np.random.Generator | None) -> Sample:
+        prep = prepare_volume(vol, self.view, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
+        image = np.repeat(prep.image[None], self.spec.in_chans, axis=0)
+        return Sample(study_id, {"image": image}, self.base_meta(vol, prep.transform))
 
     def decode(self, output: np.ndarray, sample: Sample, study: "Study") -> KeypointSet:
         vol = self.find_volume(sample, study)

@@ -23,7 +23,7 @@ from ..constants import N_LEVELS, SAG_T1, SAG_T2
 from ..family import Sample
 from ..imaging import prepare_slices, sample_slice_indices
 from ..specs import SpecError
-from .common import POINT_MODEL_KWARGS, PointFamily
+from .common import POINT_MODEL_KWARGS, PerStackFamily, PointFamily
 from .keypoints import KeypointSet, StudyKeypoints, truth_key
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ FORAMEN_OFFSET_MM = 18.0
 _PATIENT_LEFT = np.array([1.0, 0.0, 0.0])
 
 
-class Sag2dFamily(PointFamily):
+class Sag2dFamily(PerStackFamily, PointFamily):
     name = "sag2d"
     view = "sagittal"
     dims = 2
@@ -82,19 +82,11 @@ class Sag2dFamily(PointFamily):
         pos = np.clip(centre - c // 2 + np.arange(c), 0, len(sampled) - 1)
         return sampled[pos], int(sampled[centre])
 
-    def prepare(
-        self,
-        study: "Study",
-        keypoints: StudyKeypoints | None = None,
-        rng: np.random.Generator | None = None,
-    ) -> list[Sample]:
-        samples = []
-        for vol in self.volumes(study, self.series_type):
-            channels, centre = self.channel_slices(vol.shape[0])
-            prep = prepare_slices(vol, self.view, channels, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
-            u_z = (centre + 0.5) / vol.shape[0]
-            samples.append(Sample(study.study_id, {"image": prep.image}, self.base_meta(vol, prep.transform, u_fill={0: u_z})))
-        return samples
+    def stack_sample(self, study_id: int, vol: "Volume", rng: np.random.Generator | None) -> Sample:
+        channels, centre = self.channel_slices(vol.shape[0])
+        prep = prepare_slices(vol, self.view, channels, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
+        u_z = (centre + 0.5) / vol.shape[0]
+        return Sample(study_id, {"image": prep.image}, self.base_meta(vol, prep.transform, u_fill={0: u_z}))
 
     def decode(self, output: np.ndarray, sample: Sample, study: "Study") -> KeypointSet:
         vol = self.find_volume(sample, study)

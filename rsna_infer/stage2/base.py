@@ -173,6 +173,26 @@ class GradingBase(GradingFamily):
         meta = {"family": self.name, "variant": self.entry.variant, "model": self.entry.name, **meta, "ap_mirrored": mirrored}
         return Sample(int(study_id), inputs, meta, mask)
 
+    def single_sample(
+        self,
+        study_id: int,
+        inputs: dict[str, np.ndarray],
+        mask: np.ndarray,
+        crops: dict[str, list[Any]],
+        missing: list[str],
+        rng: np.random.Generator | None,
+        label: str,
+        nothing: str,
+    ) -> list[Sample]:
+        """The study's one sample, or none when no target has a crop (all-zero inputs are not worth
+        grading). Logs the ``missing`` crops under ``label`` and, when skipped, why (``nothing``)."""
+        if missing:
+            logger.debug("study %s %s: no crop for %s", study_id, label, ", ".join(missing))
+        if not mask.any():
+            logger.info("study %s: %s", study_id, nothing)
+            return []
+        return [self.finish(study_id, inputs, mask, {"crops": crops, "missing": missing}, rng)]
+
     def example_batch(self, batch_size: int = 2) -> dict[str, torch.Tensor]:
         import torch
 

@@ -169,12 +169,8 @@ class FusionFamily(GradingBase):
         mask = np.zeros((N_CONDITIONS, N_LEVELS), dtype=bool)
         mask[0:3] = inputs["sag_present"][0:3] > 0
         mask[3:5] = inputs["axial_present"][None, :] > 0
-        if missing:
-            logger.debug("study %s fusion: no crop for %s", study.study_id, ", ".join(missing))
-        if not mask.any():
-            logger.info("study %s: fusion model %s has no view to grade (no keypoints/series)", study.study_id, self.entry.name)
-            return []
-        return [self.finish(study.study_id, inputs, mask, {"crops": crops_meta, "missing": missing}, rng)]
+        nothing = f"fusion model {self.entry.name} has no view to grade (no keypoints/series)"
+        return self.single_sample(study.study_id, inputs, mask, crops_meta, missing, rng, "fusion", nothing)
 
     def _axial_centre(
         self, study: Study, subart: KeypointSet | None, spinal: KeypointSet | None, level: int

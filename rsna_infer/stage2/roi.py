@@ -153,12 +153,8 @@ class RoiFamily(GradingBase):
                     inputs["sag"][i], crops_meta["sag"][i] = ctx.crop_located(sag, self.spec.n_slices, self.out_size, self.sag_crop_mm)
                     inputs["sag_present"][i] = 1.0
         mask = points_mask(self.kind, inputs["present"] > 0)
-        if missing:
-            logger.debug("study %s roi %s: no crop for %s", study.study_id, self.kind, ", ".join(missing))
-        if not mask.any():
-            logger.info("study %s: roi model %s has nothing to grade (no %s keypoints in %s)", study.study_id, self.entry.name, self.kind, series)
-            return []
-        return [self.finish(study.study_id, inputs, mask, {"crops": crops_meta, "missing": missing}, rng)]
+        nothing = f"roi model {self.entry.name} has nothing to grade (no {self.kind} keypoints in {series})"
+        return self.single_sample(study.study_id, inputs, mask, crops_meta, missing, rng, f"roi {self.kind}", nothing)
 
 
 class RoiNet(nn.Module):
