@@ -1,0 +1,172 @@
+"""Decoded studies cached on disk, so that only the first epoch (of the first run) ever
+touches DICOM.
+
+One ``.npz`` per study holds every volume's pixels (integer pixels as int16/uint16, about the
+size of the DICOM pixel data; uncompressed, because reading must be cheaper than decoding)
+and geometry. Its name carries
+a hash of the study folder (file names, sizes, modification times) and of the cache format,
+so an edited study or a new format is decoded again instead of read stale. Writes go to a
+temporary file that is renamed into place, so parallel workers or ranks never read a half
+written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..io.volume import Study, Volume
+
+logger = logging.getLogger(__name__)
+
+CACHE_FORMAT = 1
+
+
+def folder_fingerprint(folder: str | Path) -> str:
+    """Hash of every file's relative path, size and mtime under ``folder`` (no contents read)."""
+    folder = Path(folder)
+    h = hashlib.sha1(f"format={CACHE_FORMAT}".encode())
+    if folder.is_dir():
+        for p in sorted(folder.rglob("*")):
+            if p.is_file():
+                st = p.stat()
+                h.update(f"{p.relative_to(folder).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _compact(pixels: np.ndarray) -> np.ndarray:
+    """Integer-valued pixels (the usual DICOM case) stored losslessly as int16/uint16."""
+    if pixels.size and np.all(np.isfinite(pixels)):
+        lo, hi = float(pixels.min()), float(pixels.max())
+        if np.array_equal(pixels, np.round(pixels)):
+            if 0 <= lo and hi <= 65535:
+                return pixels.astype(np.uint16)
+            if -32768 <= lo and hi <= 32767:
+                return pixels.astype(np.int16)
+    return pixels.astype(np.float32, copy=False)
+
+
+def save_study(study: Study, path: str | Path) -> Path:
+    """Write ``study`` to ``path`` (``.npz``) atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arrays: dict[str, np.ndarray] = {}
+    vols_meta = []
+    i = 0
+    for series_type, vols in study.volumes.items():
+        for v in vols:
+            arrays[f"v{i}_pixels"] = _compact(v.pixels)
+            arrays[f"v{i}_positions"] = v.positions
+            arrays[f"v{i}_instance_numbers"] = v.instance_numbers
+            vols_meta.append({
+                "type": series_type,
+                "row_dir": v.row_dir.tolist(),
+                "col_dir": v.col_dir.tolist(),
+                "spacing": list(v.spacing),
+                "study_id": int(v.study_id),
+                "series_id": int(v.series_id),
+                "description": v.description,
+                "stack_index": int(v.stack_index),
+            })
+            i += 1
+    meta = {"format": CACHE_FORMAT, "study_id": int(study.study_id), "warnings": list(study.warnings),
+            "volumes": vols_meta, "types": list(study.volumes)}
+    arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_cached_study(path: str | Path) -> Study:
+    """Inverse of `save_study`."""
+    with np.load(path, allow_pickle=False) as z:
+        meta = json.loads(bytes(z["meta"]).decode())
+        if meta.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{path}: cache format {meta.get('format')} != {CACHE_FORMAT}")
+        volumes: dict[str, list[Volume]] = {t: [] for t in meta["types"]}
+        for i, vm in enumerate(meta["volumes"]):
+            volumes.setdefault(vm["type"], []).append(Volume(
+                pixels=z[f"v{i}_pixels"].astype(np.float32),
+                positions=z[f"v{i}_positions"],
+                row_dir=np.asarray(vm["row_dir"]),
+                col_dir=np.asarray(vm["col_dir"]),
+                spacing=tuple(vm["spacing"]),
+                instance_numbers=z[f"v{i}_instance_numbers"],
+                study_id=vm["study_id"],
+                series_id=vm["series_id"],
+                description=vm["description"],
+                stack_index=vm["stack_index"],
+            ))
+    return Study(study_id=int(meta["study_id"]), volumes=volumes, warnings=list(meta["warnings"]))
+
+
+class StudyCache:
+    """Studies by id: from memory, else from the disk cache, else decoded by ``loader`` and
+    written to the disk cache. ``memory_mb`` bounds the studies kept in this process."""
+
+    def __init__(
+        self,
+        cache_dir: str | Path,
+        loader: Callable[[int], Study],
+        folder_of: Callable[[int], Path],
+        memory_mb: float = 2048.0,
+    ) -> None:
+        self.cache_dir = Path(cache_dir)
+        self.loader = loader
+        self.folder_of = folder_of
+        self.memory_bytes = int(memory_mb * 2**20)
+        self._mem: dict[int, Study] = {}
+        self._mem_bytes = 0
+        self._paths: dict[int, Path] = {}
+
+    def path(self, study_id: int) -> Path:
+        p = self._paths.get(study_id)
+        if p is None:
+            p = self.cache_dir / f"{study_id}-{folder_fingerprint(self.folder_of(study_id))}.npz"
+            self._paths[study_id] = p
+        return p
+
+    def ensure(self, study_ids: list[int], progress: bool = True) -> int:
+        """Decode and cache every study not cached yet; returns how many were decoded."""
+        from tqdm.auto import tqdm
+
+        todo = [s for s in study_ids if not self.path(s).is_file()]
+        for sid in tqdm(todo, desc="cache studies", unit="study", disable=not progress or not todo):
+            save_study(self.loader(sid), self.path(sid))
+        if todo:
+            logger.info("cached %d decoded studies in %s", len(todo), self.cache_dir)
+        return len(todo)
+
+    def get(self, study_id: int) -> Study:
+        study_id = int(study_id)
+        hit = self._mem.get(study_id)
+        if hit is not None:
+            return hit
+        p = self.path(study_id)
+        study = None
+        if p.is_file():
+            try:
+                study = load_cached_study(p)
+            except Exception as e:  # a corrupt cache entry is rebuilt, never fatal
+                logger.warning("cache entry %s unreadable (%s); decoding the study again", p, e)
+        if study is None:
+            study = self.loader(study_id)
+            save_study(study, p)
+        size = study.nbytes()
+        if self._mem_bytes + size <= self.memory_bytes:
+            self._mem[study_id] = study
+            self._mem_bytes += size
+        return study

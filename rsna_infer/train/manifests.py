@@ -1,0 +1,100 @@
+"""Putting fold runs together: merge per-fold manifests into one, name members, and write
+blend weights into entries.
+
+A *member* of the ensemble is one config (``name``); its folds are the entries
+``{name}_f{k}``. The blend (`rsna_infer.ensemble`) weighs every entry, so a member's weight
+in a group is spread evenly over its fold entries: a 5-fold member and a 1-fold member with
+equal fitted weights count equally.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from ..constants import GROUPS
+from ..manifest import Manifest, ManifestError, load_manifest, save_manifest
+from ..specs import ModelEntry
+
+logger = logging.getLogger(__name__)
+
+_FOLD_SUFFIX = re.compile(r"_(f\d+|all)$")
+
+
+def member_name(entry: ModelEntry | str) -> str:
+    """``roi_spinal_f3`` -> ``roi_spinal`` (the config name an entry was trained from)."""
+    name = entry if isinstance(entry, str) else entry.name
+    return _FOLD_SUFFIX.sub("", name)
+
+
+def merge_manifests(
+    paths: list[str | Path],
+    out_path: str | Path,
+    *,
+    copy_weights: bool = False,
+    notes: str | None = None,
+    priors: np.ndarray | None = None,
+) -> Path:
+    """One manifest with every entry of ``paths`` (names must be unique), weight files
+    referenced relative to ``out_path`` (or copied into ``out_path``'s ``weights/`` folder
+    with ``copy_weights``). Priors: ``priors`` if given, else the mean of the inputs' fitted
+    priors."""
+    out_path = Path(out_path).expanduser().resolve()
+    root = out_path.parent
+    models: list[ModelEntry] = []
+    fitted = []
+    note_parts = []
+    for p in paths:
+        man = load_manifest(p, check_files=True)
+        if man.priors_given:
+            fitted.append(man.priors)
+        if man.notes:
+            note_parts.append(man.notes)
+        for m in man.models:
+            src = man.resolve(m).resolve()
+            if copy_weights:
+                dest = root / "weights" / src.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                if dest.resolve() != src:
+                    shutil.copyfile(src, dest)
+                src = dest
+            models.append(replace(m, file=Path(os.path.relpath(src, root)).as_posix()))
+    names = [m.name for m in models]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ManifestError(f"cannot merge: model name(s) {dup} appear in more than one input manifest")
+    if priors is None and fitted:
+        priors = np.mean(fitted, axis=0)
+    merged = Manifest(
+        models=sorted(models, key=lambda m: (m.stage, m.family, m.variant, m.name)),
+        priors=priors if priors is not None else Manifest().priors,
+        notes=notes if notes is not None else "; ".join(dict.fromkeys(note_parts)),
+        root=root,
+        priors_given=priors is not None,
+    )
+    return save_manifest(merged, out_path)
+
+
+def set_blend_weights(manifest: Manifest, weights: dict[str, dict[str, float]]) -> Manifest:
+    """Copy of ``manifest`` whose stage-2 entries carry ``weights[member][group]``, divided
+    by the member's number of fold entries. Members not in ``weights`` get weight 0."""
+    counts: dict[str, int] = {}
+    for m in manifest.stage2:
+        counts[member_name(m)] = counts.get(member_name(m), 0) + 1
+    unknown = sorted(set(weights) - set(counts))
+    if unknown:
+        raise ManifestError(f"blend weights for member(s) {unknown} that the manifest does not hold; it has {sorted(counts)}")
+    models = []
+    for m in manifest.models:
+        if m.stage == 2:
+            w = weights.get(member_name(m), {})
+            m = replace(m, blend={g: round(float(w.get(g, 0.0)) / counts[member_name(m)], 6) for g in GROUPS})
+        models.append(m)
+    return Manifest(models=models, priors=manifest.priors, notes=manifest.notes, version=manifest.version,
+                    root=manifest.root, path=manifest.path, priors_given=manifest.priors_given)
