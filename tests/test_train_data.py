@@ -162,3 +162,37 @@ def test_labels_errors(tmp_path):
     df.to_csv(tmp_path / "train.csv", index=False)
     with pytest.raises(DataError, match="study 1"):
         read_labels(tmp_path / "train.csv")
+
+
+def _with_native_spacing(vol, z, native):
+    spacing = np.tile(np.asarray(vol.spacing, float), (vol.shape[0], 1))
+    spacing[z] = native
+    return Volume(vol.pixels, vol.positions, vol.row_dir, vol.col_dir, vol.spacing, vol.instance_numbers,
+                  study_id=vol.study_id, series_id=vol.series_id, description=vol.description,
+                  stack_index=vol.stack_index, native_spacing=spacing)
+
+
+def test_label_on_a_resampled_slice_maps_through_its_own_spacing():
+    """A slice stored at another matrix size (native spacing 1.0 mm, stack 0.5/0.75 mm): its
+    label pixel (x, y) is in that file's grid, so the world point scales by its own spacing."""
+    study = _study()
+    t2 = study.first(SAG_T2)
+    z = int(np.flatnonzero(t2.instance_numbers == 3)[0])
+    study.volumes[SAG_T2] = [_with_native_spacing(t2, z, (1.0, 1.0))]
+    coords = _coords()
+    coords["condition"] = coords["condition"].map(COORD_CONDITION_TO_CONDITION)
+    coords["level"] = coords["level"].map(COORD_LEVEL_TO_LEVEL)
+    truth = truth_keypoints(study, coords)
+    p = truth.sets["truth_spinal"].world[point_index("spinal", 2)]
+    vol = study.first(SAG_T2)
+    expected = vol.positions[z] + 5.0 * 1.0 * vol.row_dir + 8.0 * 1.0 * vol.col_dir
+    np.testing.assert_allclose(p, expected, atol=1e-9)
+
+
+def test_cache_keeps_native_spacing(tmp_path):
+    study = _study(5)
+    t2 = study.first(SAG_T2)
+    study.volumes[SAG_T2] = [_with_native_spacing(t2, 1, (1.0, 2.0))]
+    back = load_cached_study(save_study(study, tmp_path / "s.npz"))
+    np.testing.assert_array_equal(back.first(SAG_T2).native_spacing, study.first(SAG_T2).native_spacing)
+    assert back.first(SAG_T1).native_spacing is None

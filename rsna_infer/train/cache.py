@@ -26,7 +26,7 @@ from ..io.volume import Study, Volume
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: per-slice native spacing kept
 
 
 def folder_fingerprint(folder: str | Path) -> str:
@@ -65,6 +65,8 @@ def save_study(study: Study, path: str | Path) -> Path:
             arrays[f"v{i}_pixels"] = _compact(v.pixels)
             arrays[f"v{i}_positions"] = v.positions
             arrays[f"v{i}_instance_numbers"] = v.instance_numbers
+            if v.native_spacing is not None:
+                arrays[f"v{i}_native_spacing"] = v.native_spacing
             vols_meta.append({
                 "type": series_type,
                 "row_dir": v.row_dir.tolist(),
@@ -109,6 +111,7 @@ def load_cached_study(path: str | Path) -> Study:
                 series_id=vm["series_id"],
                 description=vm["description"],
                 stack_index=vm["stack_index"],
+                native_spacing=z[f"v{i}_native_spacing"] if f"v{i}_native_spacing" in z.files else None,
             ))
     return Study(study_id=int(meta["study_id"]), volumes=volumes, warnings=list(meta["warnings"]))
 

@@ -134,7 +134,9 @@ def truth_keypoints(study: Study, coords: pd.DataFrame | None) -> StudyKeypoints
             unplaced.append(f"{row.condition}/{row.level} (series {row.series_id}, instance {row.instance_number})")
             continue
         vol, z = found
-        voxel = np.array([z, float(row.y), float(row.x)])
+        # Label pixels are in the labelled file's own grid; a slice resampled onto the stack's
+        # grid (another matrix size) maps through its own spacing.
+        voxel = vol.pixel_to_voxel(z, float(row.x), float(row.y))
         b["world"][i] = vol.to_world(voxel)
         b["voxel"][i] = voxel
         b["series_id"][i] = vol.series_id
