@@ -41,4 +41,9 @@ def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: An
         raise ValueError(f"cannot create {dims}-D backbone {arch!r}: {e}") from e
     if not hasattr(model, "num_features"):
         raise ValueError(f"backbone {arch!r} does not expose num_features")
+    # Models with a pre-logits head (mobilenetv3, lcnet, ...) pool to ``head_hidden_size``,
+    # not ``num_features``; heads are sized from ``num_features``, so make it the pooled width.
+    pooled = getattr(model, "head_hidden_size", None)
+    if pooled:
+        model.num_features = int(pooled)
     return model

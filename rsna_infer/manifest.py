@@ -274,8 +274,10 @@ def export_model(model: "nn.Module", entry: ModelEntry, out_dir: str | os.PathLi
     rel = Path(subdir) / f"{entry.name}.safetensors"
     dest = out_dir / rel
     dest.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"name": entry.name, "family": entry.family, "variant": entry.variant, "arch": entry.arch, "fold": str(entry.fold)}
-    save_model(_unwrap(model), str(dest), metadata=meta)
+    # One metadata key holding sorted JSON: safetensors writes several keys in hash order, which
+    # would give identical weights a different sha256 on every export.
+    meta = {"name": entry.name, "family": entry.family, "variant": entry.variant, "arch": entry.arch, "fold": entry.fold}
+    save_model(_unwrap(model), str(dest), metadata={"rsna_infer": json.dumps(meta, sort_keys=True)})
     return replace(entry, file=rel.as_posix(), sha256=sha256_file(dest))
 
 

@@ -29,3 +29,11 @@ def test_unknown_arch_and_dims():
         create_backbone("no_such_net")
     with pytest.raises(ValueError, match="dims"):
         create_backbone("test_resnet", dims=4)
+
+
+@pytest.mark.parametrize("arch", ["mobilenetv3_small_050", "lcnet_050"])
+def test_num_features_is_the_pooled_width_for_pre_logits_heads(arch):
+    m = create_backbone(arch, dims=2, in_chans=1).eval()
+    with torch.no_grad():
+        y = m(torch.zeros(1, 1, 64, 64))
+    assert y.shape == (1, m.num_features)

@@ -273,3 +273,12 @@ def test_top_level_manifest_is_a_valid_competition_template():
     assert (member_weights(man.stage2).sum(0) > 0).all()  # every condition group has members
     with pytest.raises(ManifestError, match=r"weights file not found: .*weights/sag2d_t2"):
         load_manifest(path)
+
+
+def test_export_is_byte_reproducible(tmp_path):
+    """Identical weights, identical file: the sha256 in a manifest identifies the weights."""
+    torch.manual_seed(0)
+    model = Tiny()
+    entry = ModelEntry.from_dict(_entry(file="-"))
+    hashes = {export_model(model, entry, tmp_path / f"run{i}").sha256 for i in range(4)}
+    assert len(hashes) == 1
