@@ -132,3 +132,45 @@ def test_weight_problems_fail_fast_naming_the_file(phantom_test_root, tiny_manif
     with pytest.raises(ManifestError, match=r"weights file not found: .*roi_spinal\.safetensors"):
         _run(phantom_test_root, man_dir / "weights_manifest.json", tmp_path / "a")
     assert not (tmp_path / "a").exists()
+
+
+def test_each_dicom_file_is_decoded_exactly_once(tiny_manifest, tmp_path, monkeypatch):
+    """DESIGN §5: no second DICOM read. Every file of every series (three axial series
+    included) goes through pydicom once in a predict run, with its pixels."""
+    import threading
+    from collections import Counter
+
+    import pydicom
+
+    from rsna_infer.io import dicom
+
+    root = make_dataset(tmp_path / "root", 2, split="test", seed=5, image_size=(40, 56), n_axial_series=3).root
+    files = sorted(str(p) for p in (root / "test_images").rglob("*.dcm"))
+    assert files
+    lock = threading.Lock()
+    by_path: Counter = Counter()
+    header_only: list[str] = []
+    parses = [0]
+    real_private, real_dcmread = dicom._dcmread, pydicom.dcmread
+
+    def counting_private(path, *, stop_before_pixels):
+        with lock:
+            by_path[str(path)] += 1
+            if stop_before_pixels:
+                header_only.append(str(path))
+        return real_private(path, stop_before_pixels=stop_before_pixels)
+
+    def counting_dcmread(*args, **kwargs):
+        with lock:
+            parses[0] += 1
+        return real_dcmread(*args, **kwargs)
+
+    monkeypatch.setattr(dicom, "_dcmread", counting_private)
+    monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
+    df, rep = _run(root, tiny_manifest, tmp_path / "out")
+    _check_valid(df, root)
+    assert rep["summary"]["studies_with_errors"] == 0
+    assert sorted(by_path) == files
+    assert set(by_path.values()) == {1}, {p: n for p, n in by_path.items() if n != 1}
+    assert header_only == []
+    assert parses[0] == len(files)

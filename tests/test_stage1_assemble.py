@@ -142,3 +142,70 @@ def test_finalize_without_sagittal_points_leaves_axial_alone():
     out = finalize(study, StudyKeypoints(1, {"axial_level": s}))
     assert out.get("axial_level") is s and "projection" not in out.sets
     assert out.report["cross_view"]["projection_points"] == 0
+
+
+def test_three_axial_series_most_confident_stack_wins_and_keeps_its_ids():
+    """Index bookkeeping with >= 3 axial series (and two stacks in one series): per (side,
+    level) the most confident stack wins, and both the level set and the axial_xy
+    refinement keep that stack's series_id/stack_index, slice and patient coordinates."""
+    stacks = [
+        axial(series_id=20),
+        axial(series_id=21, z0=-26.0),
+        axial(series_id=21, z0=-22.0, stack_index=1),
+        axial(series_id=22, z0=-18.0, flipped_lr=True),
+    ]
+    study = study_of(*stacks)
+    level_fam = make_family(entry("axial_level", n_slices=3, in_chans=3))
+    samples = level_fam.prepare(study)
+    assert [(s.meta["series_id"], s.meta["stack_index"]) for s in samples] == [(20, 0), (21, 0), (21, 1), (22, 0)]
+    # (side, level) -> per-stack (input slice, probability); None: no peak in that stack
+    peaks = {
+        (0, 0): [(3, 0.5), (4, 0.6), (5, 0.7), (6, 0.9)],  # the last stack wins
+        (0, 1): [(8, 0.9), (9, 0.3), (10, 0.2), (11, 0.1)],  # the first
+        (1, 2): [(12, 0.2), (13, 0.3), (14, 0.95), (15, 0.4)],  # series 21 stack 1
+        (1, 3): [(16, 0.3), (17, 0.85), (18, 0.4), (19, 0.5)],  # series 21 stack 0
+        (0, 4): [None, None, None, (21, 0.6)],  # only the last stack sees it
+    }
+    winner = {(0, 0): 3, (0, 1): 0, (1, 2): 2, (1, 3): 1, (0, 4): 3}
+    outs = []
+    for j, s in enumerate(samples):
+        swap = s.meta["transform"].lr_swapped  # output slots are sides of the (possibly mirrored) input
+        want = {(1 - side if swap else side, lv): p[j] for (side, lv), p in peaks.items() if p[j] is not None}
+        outs.append(_level_probs(26, want))
+    assert samples[3].meta["transform"].orientation.flip[2]  # the mirrored stack is read in canonical order
+    sets = [level_fam.decode(o, s, study) for o, s in zip(outs, samples)]
+    kp = merge_decoded(level_fam, sets, StudyKeypoints(1))
+    level = kp.get("axial_level")
+    assert int(level.valid.sum()) == len(peaks)
+    for (side, lv), j in winner.items():
+        k = side * 5 + lv
+        vol, i = stacks[j], peaks[(side, lv)][j][0]
+        assert (level.series_id[k], level.stack_index[k]) == (vol.series_id, vol.stack_index), (side, lv)
+        assert level.confidence[k] == pytest.approx(peaks[(side, lv)][j][1])
+        assert level.voxel[k, 0] == pytest.approx(samples[j].meta["source_slices"][i])
+        np.testing.assert_allclose(vol.to_voxel(level.world[k]), level.voxel[k], atol=1e-9)
+
+    xy_fam = make_family(entry("axial_xy", n_slices=3, in_chans=3))
+    xy_samples = xy_fam.prepare(study, kp)
+    assert len(xy_samples) == len(peaks)  # one slice per point here: all slices differ
+    for s in xy_samples:
+        for k in s.meta["points"]:
+            assert (s.meta["series_id"], s.meta["stack_index"]) == (level.series_id[k], level.stack_index[k])
+    # canonical (row, col) per side: columns run toward patient left, so left is at col 0.7
+    xy_out = [np.array([[0.7, 0.7], [0.7, 0.3]]) for _ in xy_samples]
+    xy_sets = [xy_fam.decode(o, s, study) for o, s in zip(xy_out, xy_samples)]
+    refined = merge_decoded(xy_fam, xy_sets, kp).get("axial_level")
+    assert kp.get("axial_level") is level  # the level set itself is never mutated
+    np.testing.assert_array_equal(refined.valid, level.valid)
+    np.testing.assert_array_equal(refined.series_id, level.series_id)
+    np.testing.assert_array_equal(refined.stack_index, level.stack_index)
+    np.testing.assert_allclose(refined.confidence, level.confidence)
+    np.testing.assert_allclose(refined.voxel[level.valid, 0], level.voxel[level.valid, 0])
+    for (side, lv), j in winner.items():
+        k = side * 5 + lv
+        vol = stacks[j]
+        np.testing.assert_allclose(vol.to_voxel(refined.world[k]), refined.voxel[k], atol=1e-9)
+        assert not np.allclose(refined.voxel[k, 1:], level.voxel[k, 1:])  # (y, x) really refined
+        # left points lie toward patient left (+x) of right points, whatever the stack's storage
+        assert (refined.world[k, 0] > 0) == (side == 0), (side, lv, refined.world[k])
+    assert "axial_xy" in refined.source
