@@ -8,6 +8,9 @@
 
 The ``*_root`` fixtures are the folder (a `pathlib.Path`); the others are the
 `rsna_infer.synth.SynthDataset` with the 3-D truth. Treat both as read-only.
+
+Torch runs on one thread for the whole session: the tests use tiny models on a shared 2-core
+machine, where more threads only oversubscribe the cores.
 """
 
 from __future__ import annotations
@@ -19,6 +22,16 @@ import pytest
 from rsna_infer.synth import SynthDataset, make_dataset
 
 PHANTOM_IMAGE_SIZE = (64, 96)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from stage1_fixtures import axial, blob_volume, make_volume, sagittal
 
 from rsna_infer.imaging import (
@@ -24,7 +23,6 @@ from rsna_infer.imaging import (
 )
 from rsna_infer.specs import NormSpec, SpecError
 
-torch.set_num_threads(1)
 
 
 def _centroid(arr: np.ndarray) -> np.ndarray:

@@ -61,14 +61,6 @@ SERIES_OF_KIND = {"spinal": SAG_T2, "foraminal": SAG_T1, "subarticular": AXIAL_T
 PATIENT_LEFT = np.array([1.0, 0.0, 0.0])
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny networks on a shared 2-core machine: one thread is much faster than contention."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @dataclass
 class Phantom:

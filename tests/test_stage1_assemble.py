@@ -2,7 +2,6 @@
 
 import numpy as np
 import pytest
-import torch
 from stage1_fixtures import (
     LEVEL_Z,
     axial,
@@ -22,7 +21,6 @@ from rsna_infer.stage1.assemble import (
 )
 from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints
 
-torch.set_num_threads(1)
 
 
 def test_point_at_known_voxel_lands_in_the_right_slice_of_another_series():

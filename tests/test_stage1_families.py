@@ -13,7 +13,6 @@ from rsna_infer.specs import SpecError
 from rsna_infer.stage1.axial_level import NONE_CLASS
 from rsna_infer.stage1.keypoints import StudyKeypoints, truth_key
 
-torch.set_num_threads(1)
 
 E3D = dict(arch="mobilenetv2_035", size=(16, 64, 64))
 

@@ -9,7 +9,6 @@ from rsna_infer.constants import SAG_T1
 from rsna_infer.registry import make_family
 from rsna_infer.stage1.runner import predict_keypoints, run_folds
 
-torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,6 @@ from stage1_fixtures import (
 from rsna_infer.registry import make_family
 from rsna_infer.stage1.keypoints import StudyKeypoints, truth_key
 
-torch.set_num_threads(1)
 
 
 def _train(fam, items, steps=12, lr=3e-3):

@@ -14,7 +14,6 @@ from rsna_infer.stage2.layout import point_lr_perm, point_targets, points_mask, 
 from rsna_infer.stage2.roi import HEADS, RoiFamily
 from rsna_infer.stage2.tta import ViewAxes, mirror, run_tta, tta_passes
 
-torch.set_num_threads(1)
 
 LEVEL_Z = np.array([42.0, 26.0, 10.0, -6.0, -22.0])  # cranial -> caudal, on axial slices
 SAG_IOP = ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0))

@@ -5,7 +5,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from rsna_infer.cli import main
 from rsna_infer.manifest import load_manifest
@@ -16,7 +15,6 @@ FAST = ["--set", "epochs=1", "--set", "warmup_epochs=0", "--set", "n_folds=3", "
 
 
 def test_train_merge_oof_keypoints_and_fit_blend(phantom_train_root, tmp_path, capsys):
-    torch.set_num_threads(1)
     cache = ["--cache", str(tmp_path / "cache")]
     s1 = tmp_path / "sag2d_t2"
     assert main(["train", "--data", str(phantom_train_root), "--config", str(CONFIGS / "sag2d_t2.json"),

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from rsna_infer.manifest import load_manifest
 from rsna_infer.members import load_member
@@ -25,7 +24,6 @@ SHORT = {"epochs": 4, "batch_size": 2, "repeats": 2, "n_folds": 3, "warmup_epoch
 
 @pytest.fixture(scope="module")
 def data(phantom_train_root, tmp_path_factory):
-    torch.set_num_threads(1)
     d = TrainingData.open(phantom_train_root, cache_dir=tmp_path_factory.mktemp("cache"))
     d.cache.ensure(d.study_ids, progress=False)
     return d
