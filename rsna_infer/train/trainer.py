@@ -546,7 +546,7 @@ def _merge_sets(family: KeypointFamily, sets: list[KeypointSet]) -> KeypointSet 
     return out
 
 
-#: Families whose (x, y) is a placeholder by design (the axial level classifier puts its points
+#: Families that predict no (x, y) of their own (the axial level classifier puts its points
 #: at the slice centre): they are selected on the through-plane error alone.
 _THROUGH_PLANE_ONLY = {"axial_level"}
 
