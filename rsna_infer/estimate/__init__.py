@@ -70,14 +70,17 @@ def estimate(
     measure_cpu: bool = True,
     budget_hours: float = DEFAULT_BUDGET_HOURS,
     limit_hours: float = KAGGLE_LIMIT_HOURS,
+    cpu_studies: int = 2,
+    cpu_image_size: tuple[int, int] = (384, 512),
 ) -> Estimate:
     """Cost ``manifest`` (a path or `Manifest`; weight files need not exist) and project a
-    run of ``n_studies`` on ``gpus`` x ``gpu`` with ``cpus`` CPUs."""
+    run of ``n_studies`` on ``gpus`` x ``gpu`` with ``cpus`` CPUs. ``measure_cpu``: decode
+    ``cpu_studies`` phantom studies of ``cpu_image_size`` px to measure the decode rate."""
     from ..manifest import Manifest, load_manifest
 
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, check_files=False)
     cal = calibration if isinstance(calibration, Calibration) or calibration is None else Calibration.load(calibration)
-    cost = cost_manifest(man, geometry, measure_cpu=measure_cpu)
+    cost = cost_manifest(man, geometry, measure_cpu=measure_cpu, cpu_studies=cpu_studies, cpu_image_size=cpu_image_size)
     return project(cost, n_studies, gpu_kind(gpu), gpus=gpus, tta=tta, cpus=cpus, calibration=cal,
                    budget_hours=budget_hours, limit_hours=limit_hours)
 
@@ -95,15 +98,15 @@ def format_estimate(est: Estimate) -> str:
         "",
     ]
     head = ("member", "samples", "GFLOP/study", "TFLOP/s", "device h", "share")
-    rows = [(m.name, f"{m.samples_per_study:.2f}", f"{m.gflop_per_study:,.1f}", f"{m.tflops:.1f}", f"{m.device_hours:.3f}",
+    rows = [(m.name, f"{m.samples_per_study:.2f}", f"{m.gflop_per_study:,.1f}" if m.gflop_per_study >= 10 else f"{m.gflop_per_study:.3f}", f"{m.tflops:.1f}", f"{m.device_hours:.3f}",
              f"{100 * m.share:.1f}%") for m in est.members]
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     lines += [fmt(head), *map(fmt, rows)]
-    tflop = sum(m.gflop_per_study for m in est.members) / 1e3
+    gflop = sum(m.gflop_per_study for m in est.members)
     lines += [
         "",
-        f"per study: {tflop:.2f} TFLOP; device {p.device_s:.3f} s on one card, main-process preparation "
+        f"per study: {_flop(gflop)}; device {p.device_s:.3f} s on one card, main-process preparation "
         f"{p.main_prepare_s:.3f} s, loading {p.loader_s:.3f} CPU s (decode {p.decode_s:.3f} s) -> bound by {p.bottleneck} "
         f"at {p.per_study_s:.3f} s per study",
         f"setup: ~{est.setup_s / 60:.1f} min (build, load and check every model)",
@@ -116,6 +119,10 @@ def format_estimate(est: Estimate) -> str:
             f"{s.label} {s.projected_hours:.2f} h" for s in est.ladder[:8]) + (" ..." if len(est.ladder) > 8 else ""))
     lines += [f"note: {n}" for n in est.notes + est.cost.notes]
     return "\n".join(lines)
+
+
+def _flop(gflop: float) -> str:
+    return f"{gflop / 1e3:.2f} TFLOP" if gflop >= 100 else f"{gflop:.3g} GFLOP"
 
 
 # -- command line --------------------------------------------------------------------------
@@ -132,6 +139,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, default=None, help="calibration JSON written by benchmarks/gpu_check.py")
     parser.add_argument("--budget-hours", type=float, default=DEFAULT_BUDGET_HOURS,
                         help=f"time budget given to the deadline guard (default {DEFAULT_BUDGET_HOURS})")
+    d = StudyGeometry()
+    parser.add_argument("--sagittal-slices", type=int, default=d.sagittal_slices, help=f"typical study: slices per sagittal series (default {d.sagittal_slices})")
+    parser.add_argument("--axial-slices", type=int, default=d.axial_slices, help=f"typical study: slices per axial series (default {d.axial_slices})")
+    parser.add_argument("--image-px", type=int, default=d.image_px, help=f"typical study: rows = columns of every slice (default {d.image_px})")
     parser.add_argument("--no-cpu-measure", action="store_true", help="skip the decode measurement on phantom studies")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
@@ -143,8 +154,10 @@ def run_cli(args: argparse.Namespace) -> int:
         path, is_demo = resolve_manifest_path(args.manifest)
         if is_demo:
             logger.warning("no --manifest: estimating the packaged demo ensemble")
+        geometry = StudyGeometry(sagittal_slices=args.sagittal_slices, axial_slices=args.axial_slices, image_px=args.image_px)
         est = estimate(path, args.studies, gpu=args.gpu, gpus=args.gpus, tta=not args.no_tta, cpus=args.cpus,
-                       calibration=args.calibration, measure_cpu=not args.no_cpu_measure, budget_hours=args.budget_hours)
+                       calibration=args.calibration, geometry=geometry, measure_cpu=not args.no_cpu_measure,
+                       budget_hours=args.budget_hours)
     except (ManifestError, ValueError) as e:
         print(f"error: {e}")
         return 1

@@ -61,6 +61,7 @@ class ShapeCost:
     inputs: dict[str, list[int]]
     per_study: float
     flops: CallFlops
+    example: "Sample | None" = field(default=None, repr=False)  # one such sample (benchmarks batch it)
 
     def to_dict(self) -> dict[str, Any]:
         return {"inputs": self.inputs, "per_study": round(self.per_study, 4), "gflop_tta": round(self.flops.tta / 1e9, 3),
@@ -231,16 +232,16 @@ def cost_manifest(
                 by_shape[k] = (first, w + weight)
         note = ""
         if by_shape:
-            batches = [(fam.collate([s]), w) for s, w in by_shape.values()]
+            batches = [(fam.collate([s]), w, s) for s, w in by_shape.values()]
         else:
             note = "the typical study gave no sample: one example_batch sample per study counted"
             if not any(n.startswith(member_prep[e.name]) for n in notes):
                 notes.append(f"{e.name}: {note}")
-            batches = [(fam.example_batch(1), 1.0)]
+            batches = [(fam.example_batch(1), 1.0, None)]
         shapes, params, model = [], 0, None
-        for batch, w in batches:
+        for batch, w, example in batches:
             flops, params, model = count_run(fam, batch, model)
-            shapes.append(ShapeCost({k: list(v.shape[1:]) for k, v in batch.items()}, w, flops))
+            shapes.append(ShapeCost({k: list(v.shape[1:]) for k, v in batch.items()}, w, flops, example))
         signatures[sig] = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
         logger.debug("%s: %.1f GFLOP per study with TTA (%s)", sig, signatures[sig].flops_per_study(True) / 1e9,
                      ", ".join(s.flops.method for s in shapes))

@@ -140,15 +140,20 @@ class Estimate:
             "verdict": self.verdict,
             "fits": self.fits,
             "bottleneck": p.bottleneck,
-            "per_study_s": {k: round(v, 5) for k, v in asdict(p).items()} | {"per_study_s": round(p.per_study_s, 5)},
+            "per_study_s": {k: _sig(v) for k, v in asdict(p).items()} | {"per_study_s": _sig(p.per_study_s)},
             "setup_s": round(self.setup_s, 1),
             "tflop_per_study": round(sum(m.gflop_per_study for m in self.members) / 1e3, 4),
-            "members": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in asdict(m).items()} for m in self.members],
+            "members": [{k: (_sig(v) if isinstance(v, float) else v) for k, v in asdict(m).items()} for m in self.members],
             "ladder": [asdict(s) | {"projected_hours": round(s.projected_hours, 4)} for s in self.ladder],
             "advice": self.advice,
             "costs": self.cost.to_dict(),
             "notes": self.notes + self.cost.notes,
         }
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    """``x`` to ``digits`` significant digits (tiny per-member hours must not round to 0)."""
+    return float(f"{x:.{digits}g}")
 
 
 def _throughput(gpu: GpuKind, signature: str, calibration: Calibration | None) -> tuple[float, str]:
