@@ -270,3 +270,34 @@ def test_gpu_check_cpu_smoke_writes_a_calibration_that_estimate_reads(tmp_path: 
     est = project(tiny_cost, 100, gpu_kind("t4"), calibration=cal)
     assert all("relative speed measured on CPU" in m.throughput_source for m in est.members)
     assert est.projected_hours > 0
+
+
+def _notebook_cell(cell_id: str) -> str:
+    nb = json.loads((REPO / "notebooks" / "kaggle_submission.ipynb").read_text())
+    return "".join(next(c for c in nb["cells"] if c.get("id") == cell_id)["source"])
+
+
+def test_the_notebook_prints_the_estimate_before_predicting_and_never_fails(
+    no_network, tmp_path: Path, phantom_test_root: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import functools
+
+    import rsna_infer.estimate
+
+    # the cell's own defaults (full typical study, 384-512 px phantom) are covered above; small here for speed
+    monkeypatch.setattr(rsna_infer.estimate, "cost_manifest",
+                        functools.partial(cost_manifest, geometry=SMALL, cpu_image_size=(64, 96)))
+    nb = json.loads((REPO / "notebooks" / "kaggle_submission.ipynb").read_text())
+    ids = [c.get("id") for c in nb["cells"]]
+    code = "\n".join("".join(nb["cells"][i]["source"]) for i in range(len(ids)))
+    assert ids.index("estimate") < next(i for i, c in enumerate(nb["cells"]) if "rsna_infer.predict(" in "".join(c["source"]))
+    assert "rsna_infer.estimate" in code
+    cell = _notebook_cell("estimate")
+    manifest = save_manifest(Manifest(models=tiny_entries(), root=tmp_path), tmp_path / "m.json")
+    env = {"torch": torch, "COMP_ROOT": phantom_test_root, "MANIFEST": manifest, "TIME_BUDGET_S": 8.5 * 3600}
+    exec(compile(cell, "estimate-cell", "exec"), dict(env))
+    out = capsys.readouterr().out
+    assert "projected" in out and "PROJECTED" in out and "estimate skipped" not in out
+    assert "2000 studies" in out  # the hidden test set's size is projected too
+    exec(compile(cell, "estimate-cell", "exec"), {**env, "MANIFEST": tmp_path / "missing.json"})
+    assert "estimate skipped (ManifestError" in capsys.readouterr().out
