@@ -101,6 +101,9 @@ def tiny_cost():
 
 def test_samples_per_study_come_from_the_families_and_the_geometry(tiny_cost) -> None:
     by_family = {e.family: tiny_cost.member(e.name) for e in tiny_cost.entries}
+    # every member got real samples from the typical study (no example_batch stand-in)
+    assert not [n for n in tiny_cost.notes if "decode not measured" not in n]
+    assert all(s.example is not None for sc in tiny_cost.signatures.values() for s in sc.shapes)
     assert by_family["axial_level"].samples_per_study == pytest.approx(SMALL.mean_axial_series)
     assert by_family["axial3d"].samples_per_study == pytest.approx(SMALL.mean_axial_series)
     assert by_family["sag2d"].samples_per_study == pytest.approx(1.0)

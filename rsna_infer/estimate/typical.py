@@ -36,8 +36,9 @@ class StudyGeometry:
       two Sagittal T1; both are ignored (the estimate stays on the full side).
     - ``image_px``: rows = columns of every slice (real: 256-1024; ~384 matches ~18 MB).
     - ``dicom_mb``: DICOM bytes per study (real: ~18 MB), scales the decode time.
-    - ``sagittal_fov_mm`` / ``axial_fov_mm`` / ``level_spacing_mm``: field of view and disc
-      spacing, only used to place the stacks and keypoints consistently.
+    - ``sagittal_fov_mm`` / ``sagittal_spacing_mm`` / ``axial_fov_mm`` / ``level_spacing_mm``:
+      fields of view, slice and disc spacing, only used to place the stacks and keypoints
+      consistently (axial slices span the five discs).
     """
 
     sagittal_slices: int = 17
@@ -46,6 +47,7 @@ class StudyGeometry:
     image_px: int = 384
     dicom_mb: float = 18.0
     sagittal_fov_mm: float = 300.0
+    sagittal_spacing_mm: float = 3.8
     axial_fov_mm: float = 200.0
     level_spacing_mm: float = 32.0
 
@@ -70,6 +72,11 @@ class StudyGeometry:
         d["mean_axial_series"] = round(self.mean_axial_series, 3)
         return d
 
+    @property
+    def sagittal_half_width_mm(self) -> float:
+        """Distance of the outermost sagittal slice from the midline."""
+        return 0.5 * (self.sagittal_slices - 1) * self.sagittal_spacing_mm
+
     def level_z(self) -> np.ndarray:
         """Patient z (mm, cranial +) of the five discs, L1/L2 first."""
         return (2 - np.arange(N_LEVELS)) * self.level_spacing_mm
@@ -92,8 +99,8 @@ def typical_study(geometry: StudyGeometry, n_axial: int = 1, study_id: int = 1, 
 
     vols: dict[str, list[Volume]] = {}
     s_mm = g.sagittal_fov_mm / px
-    spacing = 3.8
-    half = 0.5 * (g.sagittal_slices - 1) * spacing
+    spacing = g.sagittal_spacing_mm
+    half = g.sagittal_half_width_mm
     for k, desc in enumerate((SAG_T1, SAG_T2)):
         # row_dir posterior, col_dir caudal: normal = -x, so sorted slices run from patient left (+x) to right
         xs = half - np.arange(g.sagittal_slices) * spacing
@@ -112,13 +119,14 @@ def typical_world_points(geometry: StudyGeometry) -> dict[str, np.ndarray]:
     """Patient coordinates of every keypoint kind in a `typical_study` (left side first)."""
     z = geometry.level_z()
     left, right = +1.0, -1.0  # LPS: +x is the patient's left
+    foramen = min(18.0, 0.75 * geometry.sagittal_half_width_mm)  # ~18 mm off the midline, inside the stack
 
     def row(x: float, y: float) -> np.ndarray:
         return np.stack([np.full(N_LEVELS, x), np.full(N_LEVELS, y), z], axis=1)
 
     return {
         "spinal": row(0.0, 25.0),
-        "foraminal": np.concatenate([row(18.0 * left, 15.0), row(18.0 * right, 15.0)]),
+        "foraminal": np.concatenate([row(foramen * left, 15.0), row(foramen * right, 15.0)]),
         "subarticular": np.concatenate([row(12.0 * left, 20.0), row(12.0 * right, 20.0)]),
     }
 
