@@ -111,8 +111,6 @@ def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, 
     """MemberTiming per cost signature (see module docstring, step 2)."""
     import torch
 
-    from rsna_infer.estimate import MemberTiming
-    from rsna_infer.members import autocast_for
     from rsna_infer.registry import make_family
 
     timings = {}
@@ -124,31 +122,44 @@ def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, 
             continue
         if not clock.allow(f"timing {sig}", 15.0):
             continue
-        family = make_family(entries[sc.name])
-        model = family.build().eval().to(device)
-        b = int(max(1, min(batch_size, round(CHUNK * shape.per_study))))
-        batch = {k: v.to(device) for k, v in family.collate([shape.example] * b).items()}
-        sw = Stopwatch(device)
-
-        def call() -> None:
-            with torch.inference_mode(), autocast_for(device):
-                family.run(model, batch, tta=True)
-
-        call()  # warm-up: cudnn autotuning, lazy init
-        _sync(device)
-        reps, t = 0, time.perf_counter()
-        while reps < min_reps or (time.perf_counter() - t < min_s and reps < 50):
-            begin = sw.start()
-            call()
-            sw.stop("call", begin)
-            reps += 1
-        seconds = sw.seconds()["call"] / reps
-        timings[sig] = MemberTiming(sig, sc.name, b, b * shape.flops.tta, seconds)
-        logger.info("%-48s batch %3d  %8.1f ms/call  %6.2f TFLOP/s", sig, b, 1000 * seconds, timings[sig].effective_tflops)
-        del model, batch
+        try:
+            timings[sig] = _time_one(make_family(entries[sc.name]), sc.name, sig, shape, device, batch_size, min_reps, min_s)
+        except Exception as e:  # one model that fails (out of memory, say) must not lose the others
+            clock.notes.append(f"{sig}: timing failed ({type(e).__name__}: {str(e)[:200]})")
+            logger.exception("timing %s failed", sig)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return timings
+
+
+def _time_one(family, name: str, sig: str, shape, device, batch_size: int, min_reps: int, min_s: float):  # noqa: ANN001, ANN202
+    import torch
+
+    from rsna_infer.estimate import MemberTiming
+    from rsna_infer.members import autocast_for
+
+    model = family.build().eval().to(device)
+    b = int(max(1, min(batch_size, round(CHUNK * shape.per_study))))
+    batch = {k: v.to(device) for k, v in family.collate([shape.example] * b).items()}
+    sw = Stopwatch(device)
+
+    def call() -> None:
+        with torch.inference_mode(), autocast_for(device):
+            family.run(model, batch, tta=True)
+
+    call()  # warm-up: cudnn autotuning, lazy init
+    _sync(device)
+    reps, t = 0, time.perf_counter()
+    while reps < min_reps or (time.perf_counter() - t < min_s and reps < 50):
+        begin = sw.start()
+        call()
+        sw.stop("call", begin)
+        _sync(device)  # the loop's own clock must see the device finish (kernels run asynchronously)
+        reps += 1
+    seconds = sw.seconds()["call"] / reps
+    timing = MemberTiming(sig, name, b, b * shape.flops.tta, seconds)
+    logger.info("%-48s batch %3d  %8.1f ms/call  %6.2f TFLOP/s", sig, b, 1000 * seconds, timing.effective_tflops)
+    return timing
 
 
 def ensemble_tflops(cost, timings: dict) -> float:  # noqa: ANN001
