@@ -38,10 +38,12 @@ class WarningLog:
         return WarningLog(self.sink, prefix, self.context)
 
 
-def name_list(paths: Iterable[str | Path], details: Iterable[str] | None = None, limit: int = MAX_NAMES) -> str:
+def name_list(
+    paths: Iterable[str | Path], details: Iterable[str] | None = None, limit: int = MAX_NAMES, sep: str = ", "
+) -> str:
     """``"1.dcm, 7.dcm (why), ... and 3 more"``: file names (not whole paths) for a warning."""
     paths = [Path(p).name for p in paths]
     why = list(details) if details is not None else [""] * len(paths)
     shown = [f"{n} ({w})" if w else n for n, w in zip(paths[:limit], why[:limit])]
     more = f" and {len(paths) - limit} more" if len(paths) > limit else ""
-    return ", ".join(shown) + more
+    return sep.join(shown) + more
