@@ -427,3 +427,19 @@ def test_one_unit_helper_raises_on_a_zero_direction():
 def test_geometry_keeps_no_thin_wrappers_of_volume_methods():
     for name in ("project", "covers", "nearest_slice"):
         assert not hasattr(geometry, name), name
+
+
+def test_training_cache_keeps_native_offsets_and_sources(tmp_path):
+    from rsna_infer.io import Study
+    from rsna_infer.train.cache import load_cached_study, save_study
+
+    for k in (0, 1, 3):
+        write_slice(tmp_path / "s" / f"{k}.dcm", _ramp(10, 10, k=k), position=(0, 0, 2.0 * k), orientation=AX_IOP,
+                    instance_number=k + 1)
+    write_slice(tmp_path / "s" / "2.dcm", _ramp(14, 14, y0=-2, x0=-2, k=2), position=(-2, -2, 4.0),
+                orientation=AX_IOP, instance_number=3)
+    (v,) = read_series(tmp_path / "s", description=AXIAL_T2)
+    back = load_cached_study(save_study(Study(1, {AXIAL_T2: [v]}), tmp_path / "c.npz")).first(AXIAL_T2)
+    np.testing.assert_array_equal(back.native_offset, v.native_offset)
+    np.testing.assert_allclose(back.pixel_to_voxel(2, 7.0, 3.0), v.pixel_to_voxel(2, 7.0, 3.0))
+    assert back.files == v.files and back.sop_instance_uids == v.sop_instance_uids
