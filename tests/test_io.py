@@ -485,3 +485,24 @@ def test_load_study_ranks_in_plane_stacks_first_and_flags_a_mislabelled_series(t
     assert [v.shape[0] for v in t2] == [4, 8] and plane_of(t2[0].normal) == "sagittal"
     assert study.first(SAG_T1) is not None
     assert any("no sagittal stack in a Sagittal T1 series" in w for w in study.warnings)
+
+
+@pytest.mark.parametrize("enhanced, bare, ts", [
+    (True, False, pydicom.uid.ExplicitVRLittleEndian),
+    (False, True, pydicom.uid.ExplicitVRBigEndian),
+    (True, True, pydicom.uid.ImplicitVRLittleEndian),
+])
+def test_writer_round_trips_enhanced_and_bare_files(tmp_path, enhanced, bare, ts):
+    img = np.arange(20).reshape(4, 5) * 131
+    p = write_slice(tmp_path / "a.dcm", img, position=(1, 2, 3), orientation=SAG_IOP, pixel_spacing=(0.5, 0.7),
+                    rescale=(2.0, -5.0), echo_time=90.0, repetition_time=3000.0, transfer_syntax=ts,
+                    enhanced=enhanced, bare=bare)
+    assert (p.read_bytes()[128:132] == b"DICM") != bare
+    ds = pydicom.dcmread(p, force=True)
+    assert ("PerFrameFunctionalGroupsSequence" in ds) == enhanced and ("ImagePositionPatient" in ds) != enhanced
+    rec = read_slice(p)
+    assert rec.ok, rec.error
+    np.testing.assert_allclose(rec.image(), img * 2.0 - 5.0)
+    np.testing.assert_allclose(rec.position, [1, 2, 3])
+    np.testing.assert_allclose(rec.orientation, SAG_IOP)
+    assert rec.pixel_spacing == (0.5, 0.7) and rec.echo_time == 90.0 and rec.repetition_time == 3000.0

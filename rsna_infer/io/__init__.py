@@ -20,7 +20,7 @@ from .series import read_series, series_from_records
 from .stacks import build_stacks
 from .discovery import SeriesRef, StudyRef, discover_studies, images_dir, infer_series_type, infer_series_type_from_folder
 from .study import load_study
-from .writer import write_slice, write_volume
+from .writer import as_enhanced_single_frame, save_dataset, write_slice, write_volume
 
 __all__ = [
     "DECODER_HINT",
@@ -33,6 +33,7 @@ __all__ = [
     "Study",
     "StudyRef",
     "Volume",
+    "as_enhanced_single_frame",
     "build_stacks",
     "decode_files",
     "decoder_problem",
@@ -48,6 +49,7 @@ __all__ = [
     "natural_key",
     "read_series",
     "read_slice",
+    "save_dataset",
     "scan_folder",
     "series_from_records",
     "write_slice",
