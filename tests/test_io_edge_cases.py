@@ -131,6 +131,18 @@ def test_slice_without_pixel_spacing_takes_the_stacks_spacing(tmp_path):
     assert any("PixelSpacing" in w and "2.dcm" in w and "0.5" in w for w in warnings)
 
 
+def test_slice_without_spacing_and_its_own_matrix_takes_its_neighbours(tmp_path):
+    # 0.5 mm slices 0-1 (20x20), 1 mm slices 3-5 (10x10), slice 2 (14x14) has no spacing: the
+    # nearest slice along the normal with one says 0.5 mm
+    for k in range(6):
+        fine = k < 3
+        write_slice(tmp_path / f"{k}.dcm", np.full((20, 20) if k < 2 else (14, 14) if k == 2 else (10, 10), k),
+                    position=(0, 0, 1.0 * k - (0.4 if k == 2 else 0)), orientation=AX_IOP, instance_number=k + 1,
+                    pixel_spacing=None if k == 2 else (0.5, 0.5) if fine else (1.0, 1.0))
+    (v,) = read_series(tmp_path)
+    assert np.allclose(v.native_spacing[2], (0.5, 0.5))
+
+
 # -- 4. big endian without file meta -------------------------------------------------------------
 def _strip_preamble_and_meta(path: Path) -> bytes:
     """The bare dataset of a Part-10 file: no preamble, no "DICM", no file meta (as old PACS write)."""

@@ -103,7 +103,7 @@ def build_stacks(
         group = _fill_positions(group, frame.normal, warn)
         if not group:
             continue
-        _fill_spacing(group, warn)
+        _fill_spacing(group, frame.normal, warn)
         for block in _split_blocks(group, frame, warn):
             volumes.append(
                 _stack_to_volume(block, frame, study_id=study_id, series_id=series_id, description=description, warn=warn)
@@ -121,7 +121,10 @@ def _report_notes(slices: list[_Slice], warn: WarningLog) -> None:
         for what, detail in s.rec.notes:
             by_kind.setdefault(what, []).append((s.rec.path, detail))
     for what, hits in by_kind.items():
-        warn(f"{what}: {len(hits)} slice(s): {name_list([p for p, _ in hits], [d for _, d in hits])}")
+        details = [d for _, d in hits]
+        if len(set(details)) == 1:  # one detail for all (e.g. the encoding): say it once
+            what, details = f"{what} ({details[0]})", None
+        warn(f"{what}: {len(hits)} slice(s): {name_list([p for p, _ in hits], details)}")
 
 
 def _fill_orientation(slices: list[_Slice], description: str | None, warn: WarningLog) -> None:
@@ -226,24 +229,31 @@ def _offset_model(placed: list[_Slice], normal: np.ndarray, step: float):
     return None
 
 
-def _fill_spacing(slices: list[_Slice], warn: WarningLog) -> None:
+def _fill_spacing(slices: list[_Slice], normal: np.ndarray, warn: WarningLog) -> None:
     """A slice without PixelSpacing takes the most common spacing of the slices with its
-    matrix, else of the group, so it is not zoomed; with none anywhere, 1 mm."""
+    matrix, else that of the nearest slice along the normal that has one, so it is not zoomed;
+    with none anywhere, 1 mm."""
     missing = [s for s in slices if s.spacing is None]
     if not missing:
         return
     known = [s for s in slices if s.spacing is not None]
-    used: list[tuple[float, float]] = []
-    for s in missing:
-        same = [k.spacing for k in known if k.shape == s.shape] or [k.spacing for k in known]
-        s.spacing = Counter(same).most_common(1)[0][0] if same else (1.0, 1.0)
-        used.append(s.spacing)
-    if known:
-        spacings = ", ".join(sorted({f"{a:g}x{b:g} mm" for a, b in used}))
-        warn(f"{len(missing)} slice(s) lack PixelSpacing; the stack's {spacings} used: "
-             f"{name_list(s.rec.path for s in missing)}")
-    else:
+    if not known:
+        for s in missing:
+            s.spacing = (1.0, 1.0)
         warn(f"{len(missing)} slice(s) lack PixelSpacing and no slice has one; 1 mm assumed")
+        return
+    used = []
+    for s in missing:
+        same = [k.spacing for k in known if k.shape == s.shape]
+        if same:
+            s.spacing = Counter(same).most_common(1)[0][0]
+        else:
+            depth = s.position @ normal
+            s.spacing = min(known, key=lambda k: abs(k.position @ normal - depth)).spacing
+        used.append(s.spacing)
+    spacings = ", ".join(sorted({f"{a:g}x{b:g} mm" for a, b in used}))
+    warn(f"{len(missing)} slice(s) lack PixelSpacing; the stack's {spacings} used: "
+         f"{name_list(s.rec.path for s in missing)}")
 
 
 @dataclass
