@@ -455,3 +455,23 @@ def test_training_cache_keeps_native_offsets_and_sources(tmp_path):
     np.testing.assert_array_equal(back.native_offset, v.native_offset)
     np.testing.assert_allclose(back.pixel_to_voxel(2, 7.0, 3.0), v.pixel_to_voxel(2, 7.0, 3.0))
     assert back.files == v.files and back.sop_instance_uids == v.sop_instance_uids
+
+
+def test_a_huge_file_gets_a_header_only_parse_first(tmp_path, monkeypatch):
+    mf = _enhanced(tmp_path / "mf.dcm", np.ones((2, 4, 4)), ipp=(0, 0, 0), iop=AX_IOP, spacing=(1, 1), frames=2)
+    ok = write_slice(tmp_path / "ok.dcm", np.full((4, 4), 3))
+    monkeypatch.setattr(dicom_mod, "HEADER_FIRST_BYTES", 0)  # every file counts as huge
+    calls: list[bool] = []
+    real = dicom_mod._dcmread
+
+    def spy(path, *, stop_before_pixels):
+        calls.append(stop_before_pixels)
+        return real(path, stop_before_pixels=stop_before_pixels)
+
+    monkeypatch.setattr(dicom_mod, "_dcmread", spy)
+    rec = read_slice(mf)
+    assert rec.error_kind == "unsupported" and calls == [True]  # rejected without reading the pixels
+    calls.clear()
+    rec = read_slice(ok)
+    assert rec.ok and calls == [True, False] and rec.notes == []
+    np.testing.assert_array_equal(rec.image(), 3)
