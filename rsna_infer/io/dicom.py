@@ -183,25 +183,26 @@ def _dcmread(path: str, *, stop_before_pixels: bool) -> pydicom.Dataset:
     header (parsed alone first, large values deferred) describes an image.
 
     With pixels, the file is read in one call and parsed from memory (~15% faster than
-    pydicom's many small reads); header-only reads stop early, so they stream. A dataset
-    without a transfer syntax gets the one it was actually encoded in.
+    pydicom's many small reads); header-only reads stop early, so they stream. One open per
+    file: the probe and the parse share the handle.
     """
-    with open(path, "rb") as fh:
+    with open(path, "rb") as fh:  # one open: probe, then parse from the same handle
         head = fh.read(_PROBE_BYTES)
-    part10 = len(head) == _PROBE_BYTES and head[128:132] == b"DICM"
-    if not part10:
-        if not _starts_with_an_element(head):
-            raise InvalidDicomError("no DICM preamble and no DICOM data element at the start")
-        probe = pydicom.dcmread(path, stop_before_pixels=True, force=True, defer_size=4096)
-        if "Rows" not in probe or "Columns" not in probe:
-            raise InvalidDicomError("no DICM preamble and no image attributes")
+        part10 = len(head) == _PROBE_BYTES and head[128:132] == b"DICM"
+        if not part10:
+            if not _starts_with_an_element(head):
+                raise InvalidDicomError("no DICM preamble and no DICOM data element at the start")
+            fh.seek(0)
+            probe = pydicom.dcmread(fh, stop_before_pixels=True, force=True, defer_size=4096)
+            if "Rows" not in probe or "Columns" not in probe:
+                raise InvalidDicomError("no DICM preamble and no image attributes")
+            if stop_before_pixels:
+                return probe
+        fh.seek(0)
         if stop_before_pixels:
-            return probe
-    src: str | io.BytesIO = path
-    if not stop_before_pixels:
-        with open(path, "rb") as fh:
-            src = io.BytesIO(fh.read())
-    return pydicom.dcmread(src, stop_before_pixels=stop_before_pixels, force=not part10)
+            return pydicom.dcmread(fh, stop_before_pixels=True)
+        data = fh.read()
+    return pydicom.dcmread(io.BytesIO(data), force=not part10)
 
 
 def _starts_with_an_element(head: bytes) -> bool:
@@ -291,11 +292,12 @@ class _Header:
     def text(self, keyword: str) -> str | None:
         """The value as one string (multi-values joined by backslash), or None."""
         holder, tag = self.ds, _TAGS[keyword]
-        if tag not in holder:
+        elem = holder.get_item(tag)
+        if elem is None:
             holder, tag = self._functional(keyword)
             if holder is None:
                 return None
-        elem = holder.get_item(tag)
+            elem = holder.get_item(tag)
         vr = getattr(elem, "VR", None) or dictionary_VR(tag)
         value = elem.value if vr in _TEXT_VRS else holder[tag].value
         if isinstance(value, bytes):
