@@ -352,7 +352,7 @@ def _stack_to_volume(
     depths = np.array([s.position @ frame.normal for s in slices])
     order = np.argsort(depths, kind="stable")
     slices = [slices[i] for i in order]
-    slices = _drop_duplicates(slices, depths[order], frame, warn)
+    slices = _drop_duplicates(slices, depths[order], warn)
     rows, cols = ref.shape
     dr, dc = ref.spacing  # type: ignore[misc]
     origin = frame.uv(ref.position)
@@ -389,7 +389,7 @@ def _stack_to_volume(
     )
 
 
-def _drop_duplicates(slices: list[_Slice], depths: np.ndarray, frame: _Frame, warn: WarningLog) -> list[_Slice]:
+def _drop_duplicates(slices: list[_Slice], depths: np.ndarray, warn: WarningLog) -> list[_Slice]:
     """Of slices at the same depth (and hence, in one stack, the same IPP) keep the lower
     InstanceNumber (the first acquisition); report the others by name."""
     if len(slices) < 2:
