@@ -11,6 +11,7 @@ stack (nearest slice, inside its box) are `Volume` methods; the direction helper
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -30,8 +31,8 @@ def plane_of(normal: np.ndarray) -> str:
 def unit(v: np.ndarray) -> np.ndarray:
     """``v`` scaled to length 1 (float64); a zero or non-finite vector is a `ValueError`, never NaN."""
     v = np.asarray(v, dtype=np.float64)
-    n = float(np.linalg.norm(v))
-    if n == 0.0 or not np.isfinite(n):
+    n = math.sqrt(float(np.dot(v.ravel(), v.ravel())))
+    if n == 0.0 or not math.isfinite(n):
         raise ValueError(f"degenerate direction vector {v.tolist()}")
     return v / n
 
