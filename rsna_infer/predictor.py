@@ -841,6 +841,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from .viz import VizUnavailable
+
     try:
         df = predict(
             args.test_dir, out_csv=args.out, manifest=args.manifest, device=args.device, tta=not args.no_tta,
@@ -848,7 +850,7 @@ def run_cli(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, split=args.split, qa_dir=args.qa_dir, qa_worst=args.qa_worst,
             qa_labels=args.qa_labels,
         )
-    except (ManifestError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ManifestError, FileNotFoundError, ValueError, VizUnavailable) as e:
         print(f"error: {e}")
         return 1
     print(f"wrote {args.out} ({len(df)} rows) and {args.out.with_name('run_report.json')}")

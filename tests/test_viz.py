@@ -385,3 +385,16 @@ def test_show_an_unknown_study_is_a_clear_error(fam, fake_root, tmp_path, capsys
     rc = cli.main(["show", str(fake_root), "--study", "999", "--out", str(tmp_path / "s"), "--manifest", str(man)])
     assert rc == 1
     assert "study 999 is not in" in capsys.readouterr().out
+
+
+def test_cli_predict_writes_qa_pages(fam, fake_root, tmp_path, monkeypatch, capsys):
+    import rsna_infer.predictor as P
+
+    monkeypatch.setattr(P, "_default_finalize", lambda: KEEP)
+    man = make_random_manifest(tmp_path / "man", fake_entries())
+    rc = cli.main(["predict", str(fake_root), "--out", str(tmp_path / "o" / "s.csv"), "--manifest", str(man), "--workers", "0",
+                   "--device", "cpu", "--qa-dir", str(tmp_path / "qa"), "--qa-worst", "2"])
+    assert rc == 0
+    assert f"QA pages: {tmp_path / 'qa' / 'index.html'}" in capsys.readouterr().out
+    assert len(list((tmp_path / "qa").glob("study_*.html"))) == 2
+    _check_links(tmp_path / "qa")

@@ -25,13 +25,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from ..manifest import ManifestError
     from ..predictor import predict
+    from . import VizUnavailable
 
     out: Path = args.out
     try:
         predict(args.test_dir, out_csv=out / "submission.csv", manifest=args.manifest, device=args.device,
                 tta=not args.no_tta, num_workers=0, split=args.split, progress=False, study_ids=[args.study],
                 qa_dir=out, qa_worst=1, qa_labels=args.labels)
-    except (ManifestError, FileNotFoundError, ValueError, ImportError) as e:
+    except (ManifestError, FileNotFoundError, ValueError, VizUnavailable) as e:
         print(f"error: {e}")
         return 1
     page = out / f"study_{args.study}.html"
