@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import CLASS_TO_LABEL, CONDITIONS, LEVEL_TO_COORD_LEVEL, LEVELS, N_LEVELS, SIDES, study_row_ids
+from ..report import _json_default
 from .rank import TIER_NAMES, StudyScore, score_record
 
 if TYPE_CHECKING:
@@ -392,11 +393,3 @@ def write_pages(collector: "QACollector", report: dict[str, Any], report_path: s
     index.write_text(index_page(report, ranked, pages, links, collector.worst), encoding="utf-8")
     logger.info("QA pages: %d study page(s) and %s in %.1fs", len(pages), index, time.perf_counter() - t0)
     return index
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.generic):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    return repr(o)
