@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -131,6 +131,21 @@ class ChunkOutput:
     records: dict[int, StudyRecord] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     member_s: dict[str, float] = field(default_factory=dict)
+    #: What an observer (`RunObserver`, e.g. the QA pages of `rsna_infer.viz`) keeps of this
+    #: chunk's samples and keypoints; None without an observer.
+    capture: Any = None
+
+
+class RunObserver(Protocol):
+    """Watches a run without changing it (`rsna_infer.viz.QACollector` writes QA pages).
+
+    ``new_chunk()`` returns a per-chunk capture with ``add(group, family, items)``, called
+    with every group's ``(study_id, sample)`` list as stage 1 and stage 2 get them, and
+    ``close(studies, keypoints, out)``, called once after the blend. A chunk that fails
+    simply drops its capture. Without an observer none of this runs.
+    """
+
+    def new_chunk(self) -> Any: ...
 
 
 @dataclass
@@ -273,10 +288,12 @@ class Predictor:
         time_budget_s: float | None = None,
         start: float | None = None,
         progress: bool = True,
+        observer: RunObserver | None = None,
     ) -> RunResult:
         """Predict every study of ``refs`` (from `rsna_infer.io.discover_studies`).
 
-        ``start``: clock value the time budget counts from (default: now).
+        ``start``: clock value the time budget counts from (default: now). ``observer``: see
+        `RunObserver` (None: nothing is captured).
         """
         from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -346,13 +363,13 @@ class Predictor:
                         timings.add("prepare_at_load", ls.prepare_s)
                         loader_rss = max(loader_rss, ls.peak_rss_mb)
                     if pool is None:
-                        collect(self.safe_chunk(loaded, plan, 0), plan.tta)
+                        collect(self.safe_chunk(loaded, plan, 0, observer), plan.tta)
                     else:
                         replica = index % n_dev
                         if len(in_flight) >= n_dev:
                             fut, tta_flag = in_flight.pop(0)
                             collect(fut.result(), tta_flag)
-                        in_flight.append((pool.submit(self.safe_chunk, loaded, plan, replica), plan.tta))
+                        in_flight.append((pool.submit(self.safe_chunk, loaded, plan, replica, observer), plan.tta))
                     index += 1
                     bar.set_postfix_str(plan.label if plan.label != "full" else "", refresh=False)
                 for fut, tta_flag in in_flight:
@@ -380,11 +397,13 @@ class Predictor:
             peak_rss_mb={"main": round(peak_rss_mb(), 1), "loader": round(loader_rss, 1)},
         )
 
-    def safe_chunk(self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0) -> ChunkOutput:
+    def safe_chunk(
+        self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0, observer: RunObserver | None = None
+    ) -> ChunkOutput:
         """`run_chunk`, but an unexpected exception costs only this chunk: its studies get
         an error line and prior rows, and the run goes on."""
         try:
-            return self.run_chunk(loaded, plan, replica)
+            return self.run_chunk(loaded, plan, replica, observer)
         except Exception as e:
             logger.exception("chunk of studies %s failed", [ls.study_id for ls in loaded])
             out = ChunkOutput()
@@ -394,9 +413,11 @@ class Predictor:
                 rec.fallbacks.append("the chunk holding this study failed; prior rows")
             return out
 
-    def run_chunk(self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0) -> ChunkOutput:
+    def run_chunk(
+        self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0, observer: RunObserver | None = None
+    ) -> ChunkOutput:
         """Stage 1, finalize, stage 2 and the blend for one chunk of decoded studies."""
-        out = ChunkOutput()
+        out = ChunkOutput(capture=None if observer is None else observer.new_chunk())
         studies: dict[int, Study] = {}
         t_chunk = time.perf_counter()
         for ls in loaded:
@@ -413,6 +434,8 @@ class Predictor:
         if studies:
             names, logits, masks = self._stage2(studies, by_id, kps, plan, replica, out)
             self._blend(sorted(studies), names, logits, masks, out)
+        if out.capture is not None:
+            out.capture.close(studies, kps, out)
         per_study = (time.perf_counter() - t_chunk) / max(1, len(loaded))
         for ls in loaded:
             out.records[ls.study_id].seconds = per_study + ls.load_s + ls.prepare_s
@@ -554,6 +577,8 @@ class Predictor:
                 out.records[sid].error(f"prepare {g.key}", e)
         if not g.in_worker:
             out.timings.add(f"stage{g.stage}/{g.key}/prepare", time.perf_counter() - t)
+        if out.capture is not None:
+            out.capture.add(g, family, items)
         return items
 
     def _run_member(
@@ -690,6 +715,10 @@ def predict(
     progress: bool = True,
     clock: Callable[[], float] = time.monotonic,
     finalize: Callable[["Study", "StudyKeypoints"], "StudyKeypoints"] | None = None,
+    study_ids: Sequence[int] | None = None,
+    qa_dir: str | os.PathLike | None = None,
+    qa_worst: int = 10,
+    qa_labels: str | os.PathLike | None = None,
 ) -> "pd.DataFrame":
     """Write ``out_csv`` (25 rows per study of ``test_dir``'s series CSV) and
     ``run_report.json`` beside it; return the submission frame.
@@ -699,7 +728,11 @@ def predict(
     ``"cuda:1"``, ``"cpu"``, ``"cuda:0,cuda:1"``; default every GPU, else CPU.
     ``num_workers``: preprocessing processes (0 = in-process; default one per spare core, at
     most 4). ``time_budget_s``: finish within this many seconds of the call (TTA, then
-    low-weight members are shed; studies that cannot fit get prior rows).
+    low-weight members are shed; studies that cannot fit get prior rows). ``study_ids``: run
+    only these studies of the series CSV (debugging; the CSV then holds only their rows).
+    ``qa_dir``: write QA pages there (`rsna_infer.viz`, needs Pillow): the ``qa_worst`` most
+    problematic studies get a page with what the models saw, plus an index page of the run;
+    ``qa_labels``: a ``train_label_coordinates.csv`` whose points are drawn as ground truth.
     """
     from .io import discover_studies
     from .submission import assemble_submission, write_submission
@@ -709,6 +742,11 @@ def predict(
     if time_budget_s is not None and not (float(time_budget_s) > 0 and np.isfinite(float(time_budget_s))):
         raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s}")
     out_csv = Path(out_csv)
+    collector = None
+    if qa_dir is not None:  # before any model is loaded: a missing Pillow or a bad labels file fails in seconds
+        from .viz.capture import QACollector
+
+        collector = QACollector(qa_dir, worst=qa_worst, labels=qa_labels)
     report = RunReport(test_dir=str(test_dir), out_csv=str(out_csv))
     if isinstance(manifest, Manifest):
         man_path, is_demo = manifest.path, False
@@ -729,13 +767,15 @@ def predict(
                        "precision": "fp16 autocast" if predictor.devices[0].type == "cuda" else "fp32"}
     t = time.perf_counter()
     refs = discover_studies(test_dir, split=split)
+    if study_ids is not None:
+        refs = _select_studies(refs, study_ids, test_dir)
     discover_s = time.perf_counter() - t
     if not refs:
         logger.warning("no studies found under %s: writing an empty submission", test_dir)
     for ref in refs:
         logger.debug("study %s: %s", ref.study_id, ref.problems)
     result = predictor.run(refs, num_workers=num_workers, chunk_size=chunk_size, time_budget_s=time_budget_s,
-                           start=start, progress=progress)
+                           start=start, progress=progress, observer=collector)
     t = time.perf_counter()
     assembled = assemble_submission(result.probs, result.study_ids, masks=result.coverage, priors=man.priors)
     for sid in result.study_ids:
@@ -763,7 +803,22 @@ def predict(
     report.write(rpath)
     logger.info("%d studies in %.1fs (%.2f studies/s); %s; report: %s", report.n_studies, report.wall_s,
                 report.studies_per_s, report.summary, rpath)
+    if collector is not None:  # the submission is written: a QA problem is logged, never raised
+        try:
+            collector.write(report.to_dict(), rpath)
+        except Exception:
+            logger.exception("writing the QA pages under %s failed", qa_dir)
     return assembled.frame
+
+
+def _select_studies(refs: list["StudyRef"], study_ids: Sequence[int], test_dir: str | os.PathLike) -> list["StudyRef"]:
+    """The refs of ``study_ids``, in their order; an unknown id is a configuration error."""
+    by_id = {int(r.study_id): r for r in refs}
+    missing = [int(s) for s in study_ids if int(s) not in by_id]
+    if missing:
+        some = ", ".join(str(s) for s in sorted(by_id)[:5])
+        raise ValueError(f"study {missing[0]} is not in {test_dir} ({len(by_id)} studies, e.g. {some})")
+    return [by_id[int(s)] for s in dict.fromkeys(study_ids)]
 
 
 # -- command line -------------------------------------------------------------------------
@@ -780,17 +835,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"studies per chunk (default {DEFAULT_CHUNK_SIZE})")
     parser.add_argument("--batch-size", type=int, default=None, help="model batch size (default 32 on CUDA, 8 on CPU)")
     parser.add_argument("--split", default="test", help="which {split}_images folder to read (default: test)")
+    parser.add_argument("--qa-dir", type=Path, default=None, help="write QA pages (what the models saw) of the worst studies here (needs Pillow)")
+    parser.add_argument("--qa-worst", type=int, default=10, metavar="N", help="studies that get a QA page (default 10; see docs/viz.md for the ranking)")
+    parser.add_argument("--qa-labels", type=Path, default=None, metavar="CSV", help="train_label_coordinates.csv: draw the ground-truth points on the QA pages")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    from .viz import VizUnavailable
+
     try:
         df = predict(
             args.test_dir, out_csv=args.out, manifest=args.manifest, device=args.device, tta=not args.no_tta,
             num_workers=args.workers, time_budget_s=args.time_budget, chunk_size=args.chunk_size,
-            batch_size=args.batch_size, split=args.split,
+            batch_size=args.batch_size, split=args.split, qa_dir=args.qa_dir, qa_worst=args.qa_worst,
+            qa_labels=args.qa_labels,
         )
-    except (ManifestError, FileNotFoundError, ValueError) as e:
+    except (ManifestError, FileNotFoundError, ValueError, VizUnavailable) as e:
         print(f"error: {e}")
         return 1
     print(f"wrote {args.out} ({len(df)} rows) and {args.out.with_name('run_report.json')}")
+    if args.qa_dir is not None:
+        print(f"QA pages: {args.qa_dir / 'index.html'}")
     return 0

@@ -263,10 +263,10 @@ def test_an_unexpected_error_mid_run_still_writes_a_valid_submission(fam, root, 
 def test_a_chunk_that_raises_costs_only_that_chunk(fam, root, tmp_path, monkeypatch):
     real = Predictor.run_chunk
 
-    def run_chunk(self, loaded, plan, replica=0):
+    def run_chunk(self, loaded, plan, replica=0, *more):
         if any(ls.study_id == 15 for ls in loaded):
             raise RuntimeError("boom")
-        return real(self, loaded, plan, replica)
+        return real(self, loaded, plan, replica, *more)
 
     monkeypatch.setattr(Predictor, "run_chunk", run_chunk)
     df, rep = _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=2)
