@@ -16,7 +16,16 @@ from .dicom import DECODER_HINT, MissingDecoderError, SliceRecord, decoder_probl
 from .parallel import DEFAULT_PARALLEL, PARALLEL_MODES, decode_files, default_workers, make_executor
 from .series import list_series_files, read_series, series_from_records
 from .stacks import build_stacks
-from .discovery import SeriesRef, StudyRef, discover_studies, images_dir, infer_series_type, infer_series_type_from_folder
+from .discovery import (
+    NoStudiesError,
+    SeriesRef,
+    StudyRef,
+    describe_no_studies,
+    discover_studies,
+    images_dir,
+    infer_series_type,
+    infer_series_type_from_folder,
+)
 from .study import load_study
 from .writer import write_slice, write_volume
 
@@ -25,6 +34,7 @@ __all__ = [
     "DEFAULT_PARALLEL",
     "PARALLEL_MODES",
     "MissingDecoderError",
+    "NoStudiesError",
     "SeriesRef",
     "SliceRecord",
     "Study",
@@ -34,6 +44,7 @@ __all__ = [
     "decode_files",
     "decoder_problem",
     "default_workers",
+    "describe_no_studies",
     "discover_studies",
     "images_dir",
     "infer_series_type",
