@@ -17,8 +17,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
-#: Bytes the probe writes: enough to hit a full disk's reserved blocks, small enough to be free.
-PROBE_BYTES = 64 * 1024
+#: Bytes the probe writes. Whether the whole CSV fits is proved right after discovery by the
+#: priors-only safety net, which has the final CSV's size.
+PROBE_BYTES = 4096
 
 
 class OutputError(RuntimeError):
