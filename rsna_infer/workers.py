@@ -42,6 +42,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -491,6 +492,27 @@ def _worker_main(conn: Connection, fn: Callable[..., Any], fn_args: tuple, initi
             conn.send(("error", task_id, f"the result could not be sent: {type(e).__name__}: {e}"))
         del reply
         set_process_name("rsna:idle")
+
+
+def named_children(pid: int) -> dict[int, str]:
+    """``{pid: name}`` of the child processes of ``pid`` as ``ps`` shows them (Linux
+    ``/proc``; empty elsewhere). Loading workers are named after the study they hold
+    (``rsna:4003253``, ``rsna:idle``): what a person, or a test, sees from outside."""
+    out: dict[int, str] = {}
+    proc = Path("/proc")
+    if not proc.is_dir():
+        return out
+    for d in proc.iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            name = (d / "comm").read_text().strip()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:  # field 4, after the parenthesised name
+            out[int(d.name)] = name
+    return out
 
 
 _PR_SET_NAME = 15

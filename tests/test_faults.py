@@ -28,6 +28,7 @@ from rsna_infer.constants import CLASSES, study_row_ids
 from rsna_infer.output import OutputError
 from rsna_infer.predictor import Predictor, predict
 from rsna_infer.random_weights import make_random_manifest
+from rsna_infer.workers import named_children
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc are Linux's")
 
@@ -90,22 +91,6 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> tuple[int, str, str
     return proc.returncode, out, err
 
 
-def _children(pid: int) -> dict[int, str]:
-    """``{pid: comm}`` of ``pid``'s child processes (the loading workers name themselves)."""
-    out = {}
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            stat = (d / "stat").read_text()
-            comm = (d / "comm").read_text().strip()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            out[int(d.name)] = comm
-    return out
-
-
 def _worker_holding(proc: subprocess.Popen, study_id: int, timeout: float = 180, exclude: tuple[int, ...] = ()) -> int:
     """The pid of ``proc``'s loading worker busy with ``study_id``, seen from outside
     (not one of ``exclude``: a worker just killed may linger until it is reaped)."""
@@ -113,7 +98,7 @@ def _worker_holding(proc: subprocess.Popen, study_id: int, timeout: float = 180,
     while time.monotonic() < end:
         if proc.poll() is not None:
             raise AssertionError(f"the run ended before a worker took study {study_id}:\n{proc.stderr.read()[-3000:]}")
-        for pid, comm in _children(proc.pid).items():
+        for pid, comm in named_children(proc.pid).items():
             if comm == label and pid not in exclude:
                 return pid
         time.sleep(0.02)
