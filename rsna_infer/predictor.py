@@ -807,6 +807,7 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
              clock: Callable[[], float], finalize: Any, start: float, study_timeout_s: float | None) -> "pd.DataFrame":
     from .io import NoStudiesError, describe_no_studies, discover_studies
     from .output import probe_writable
+    from .streaming import study_timeout_for
     from .submission import assemble_submission
 
     t0 = time.perf_counter()
@@ -832,7 +833,7 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
     report.models = predictor.models_info()
     report.settings = {"tta": tta, "num_workers": default_num_workers() if num_workers is None else num_workers,
                        "chunk_size": chunk_size, "batch_size": predictor.batch_size, "time_budget_s": time_budget_s,
-                       "study_timeout_s": study_timeout_s, "split": split,
+                       "study_timeout_s": study_timeout_s or study_timeout_for(time_budget_s), "split": split,
                        "precision": "fp16 autocast" if predictor.devices[0].type == "cuda" else "fp32"}
     result = predictor.run(refs, num_workers=num_workers, chunk_size=chunk_size, time_budget_s=time_budget_s,
                            start=start, progress=progress, study_timeout_s=study_timeout_s)
