@@ -314,6 +314,8 @@ class Predictor:
                 if len(loaded) < n:
                     state.rest_get_priors(stream, out_of_time=admitted < n or stream.out_of_time)
             if not replicas.busy:
+                if state.to_take:  # no device is left to take them (all retired or given up)
+                    state.rest_get_priors(stream, out_of_time=state.past_deadline(), no_device=True)
                 return
             state.settle(replicas.next(state.hard_deadline))
 
@@ -607,16 +609,25 @@ class _RunState:
             return self.full_plan, n
         return self.guard.choose(self.to_take), self.guard.admit(n)
 
-    def rest_get_priors(self, stream: "StudyStream", out_of_time: bool) -> None:
+    def past_deadline(self) -> bool:
+        return self.hard_deadline is not None and time.monotonic() >= self.hard_deadline
+
+    def rest_get_priors(self, stream: "StudyStream", out_of_time: bool, no_device: bool = False) -> None:
         """Every study not read yet gets prior rows unread; the stream stops."""
         if out_of_time and self.guard is not None:
             self.guard.give_up("waiting for the loading workers reached the deadline" if stream.out_of_time
+                               else "a chunk was still running at the end of the budget" if no_device
                                else "the cheapest plan does not fit")
         skipped = stream.skip(self.to_take)
         stream.stop()
+        if no_device and not out_of_time:
+            msg = f"no working device left: the {len(skipped)} studies not read yet got prior rows"
+            logger.error("%s", msg)
+            self.warnings.append(msg)
         for sid in skipped:
             rec = self.records[sid] = StudyRecord(sid, status="skipped" if out_of_time else "fallback")
             rec.fallbacks.append("deadline: no time left to run the models; prior rows" if out_of_time
+                                 else "no working device left; prior rows" if no_device
                                  else "the study stream ended early; prior rows")
         if self.guard is not None:
             self.guard.gave_priors(len(skipped))

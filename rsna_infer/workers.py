@@ -272,7 +272,8 @@ class WorkerPool:
                 return False
             finally:
                 child.close()
-        self.started += 1
+        with self._cond:
+            self.started += 1
         with slot.lock:
             slot.proc, slot.conn, slot.task, slot.killed = proc, parent, None, None
             slot.deadline = time.monotonic() + self._start_timeout
@@ -363,13 +364,12 @@ class WorkerPool:
         with slot.lock:
             killed, slot.task, slot.deadline = slot.killed, None, None
         if killed == "timeout":
-            self.timeouts += 1
             err: WorkerError = WorkerTimeout(_pid(slot), task.timeout or 0.0)
-        elif killed == "close":
-            err = WorkerDied(_pid(slot), code)
         else:
-            self.deaths += 1
             err = WorkerDied(_pid(slot), code)
+        with self._cond:
+            self.timeouts += killed == "timeout"
+            self.deaths += killed is None
         if killed != "close":
             logger.warning("loading worker %s holding %s: %s", _pid(slot), task.label or "a task", err)
         self._close_conn(slot)

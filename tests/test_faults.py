@@ -375,3 +375,34 @@ def test_the_safety_net_is_in_place_before_the_models_run(fam, root, tmp_path, m
     assert not np.allclose(df[list(CLASSES)].to_numpy(), seen["csv"][list(CLASSES)].to_numpy())
     for name in ("submission.csv", "run_report.json"):
         assert (tmp_path / "a" / name).stat().st_mode & 0o777 == 0o666 & ~current_umask()
+
+
+def test_a_hung_device_is_given_up_and_the_run_still_writes_every_row(fam, root, tmp_path, monkeypatch):
+    """The only device stops answering in the middle of a chunk (a hung kernel): past the
+    chunk timeout it is abandoned, that chunk and the studies not read yet get prior rows
+    with the reason, and the CSV is written."""
+    import threading
+
+    from rsna_infer import devices
+
+    monkeypatch.setattr(devices, "CHUNK_TIMEOUT_FLOOR_S", 3.0)
+    release = threading.Event()
+    real = Predictor.run_chunk
+
+    def run_chunk(self, loaded, plan, replica=0):
+        if any(ls.study_id == IDS[4] for ls in loaded):
+            release.wait(120)
+        return real(self, loaded, plan, replica)
+
+    monkeypatch.setattr(Predictor, "run_chunk", run_chunk)
+    try:
+        df, rep = _run(root, _manifest(tmp_path / "man"), tmp_path / "a", chunk_size=3, study_timeout_s=0.01)
+    finally:
+        release.set()
+    _check_csv(tmp_path / "a" / "submission.csv")
+    st = rep["studies"]
+    assert [st[str(s)]["status"] for s in IDS[:3]] == ["ok"] * 3
+    assert all(any("no answer from cpu within 3s" in e for e in st[str(s)]["errors"]) for s in IDS[3:6])
+    assert all("no working device left; prior rows" in st[str(s)]["fallbacks"] for s in IDS[6:])
+    assert rep["faults"]["retired_devices"][0]["why"].startswith("no answer")
+    assert any("no working device left" in w for w in rep["warnings"])
