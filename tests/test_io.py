@@ -404,6 +404,46 @@ def test_discovery_of_a_root_without_images_fails_with_a_hint(tmp_path):
         discover_studies(tmp_path / "missing")
 
 
+def test_no_studies_is_explained_with_the_paths_looked_at(tmp_path):
+    from rsna_infer.io import describe_no_studies
+
+    _make_root(tmp_path)
+    assert discover_studies(tmp_path, split="train") == []
+    msg = describe_no_studies(tmp_path, split="train")
+    assert f"{tmp_path / 'train_series_descriptions.csv'} (missing)" in msg and f"{tmp_path / 'train_images'}/ (missing)" in msg
+    assert "pass --split test" in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "pass the competition folder that holds test_images/" in describe_no_studies(empty)
+    assert "does not exist" in describe_no_studies(tmp_path / "nowhere")
+    (empty / "test_series_descriptions.csv").write_text("study_id,series_id,series_description\n")
+    assert discover_studies(empty) == [] and "(lists no studies)" in describe_no_studies(empty)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe\x00garbage\x00\xff", "not a readable series CSV"),
+    (b"study_id,series_id,series_description\n1,abc,Axial T2\n", "must be integers"),
+    (b"", "not a readable series CSV"),
+])
+def test_a_broken_series_csv_names_the_file(tmp_path, content, match):
+    (tmp_path / "test_series_descriptions.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=match) as e:
+        discover_studies(tmp_path)
+    assert str(tmp_path / "test_series_descriptions.csv") in str(e.value)
+
+
+def test_folders_the_csv_does_not_list_are_counted_in_the_log(tmp_path, caplog):
+    import logging
+
+    _make_root(tmp_path)
+    write_volume(tmp_path / "test_images" / "777" / "1", _volume([0.0, 4.0], seed=9))
+    with caplog.at_level(logging.INFO, logger="rsna_infer.io.discovery"):
+        discover_studies(tmp_path)
+    by_level = {r.levelname: r.getMessage() for r in caplog.records if "not listed" in r.getMessage()}
+    assert "1 study folder(s)" in by_level["WARNING"] and "777" in by_level["WARNING"]
+    assert "1 series folder(s)" in by_level["INFO"] and "1/99" in by_level["INFO"]
+
+
 def test_load_study_fills_volumes_by_type_and_warnings(tmp_path):
     _make_root(tmp_path)
     s1, s2, s3 = discover_studies(tmp_path)

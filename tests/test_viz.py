@@ -376,7 +376,7 @@ def test_without_pillow_qa_fails_fast_naming_the_extra(fam, fake_root, tmp_path,
     rc = cli.main(["predict", str(fake_root), "--out", str(tmp_path / "o" / "s.csv"), "--manifest", str(man),
                    "--qa-dir", str(tmp_path / "qa")])
     assert rc == 1
-    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("error:")]
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert len(lines) == 1 and "rsna-infer[viz]" in lines[0]
 
 

@@ -18,7 +18,16 @@ from .files import FolderListing, list_series_files, natural_key, scan_folder
 from .parallel import DEFAULT_PARALLEL, PARALLEL_MODES, decode_files, default_workers, iter_decode, make_executor
 from .series import read_series, series_from_records
 from .stacks import build_stacks
-from .discovery import SeriesRef, StudyRef, discover_studies, images_dir, infer_series_type, infer_series_type_from_folder
+from .discovery import (
+    NoStudiesError,
+    SeriesRef,
+    StudyRef,
+    describe_no_studies,
+    discover_studies,
+    images_dir,
+    infer_series_type,
+    infer_series_type_from_folder,
+)
 from .study import load_study
 from .writer import as_enhanced_single_frame, save_dataset, write_slice, write_volume
 
@@ -28,6 +37,7 @@ __all__ = [
     "FolderListing",
     "PARALLEL_MODES",
     "MissingDecoderError",
+    "NoStudiesError",
     "SeriesRef",
     "SliceRecord",
     "Study",
@@ -38,6 +48,7 @@ __all__ = [
     "decode_files",
     "decoder_problem",
     "default_workers",
+    "describe_no_studies",
     "discover_studies",
     "images_dir",
     "infer_series_type",

@@ -4,9 +4,11 @@ Layout: ``{root}/{split}_images/{study_id}/{series_id}/*.dcm`` and
 ``{root}/{split}_series_descriptions.csv`` (``study_id, series_id, series_description``).
 The CSV is the list of record: every study in it is returned (so it gets submission rows even
 with no images at all); a listed series whose folder is missing, empty or unreadable
-(``PermissionError``) is recorded, not fatal; folders the CSV does not name are ignored. Without a CSV, the series type is inferred
-from one header per series (orientation -> sagittal/axial; description, echo and repetition
-time -> T1 vs T2/STIR).
+(``PermissionError``) is recorded, not fatal; folders the CSV does not name are ignored, and
+counted in the log. Without a CSV, the series type is inferred from one header per series
+(orientation -> sagittal/axial; description, echo and repetition time -> T1 vs T2/STIR). A
+root that yields no study at all is a path mistake: `describe_no_studies` says what was
+looked for and what is there.
 """
 
 from __future__ import annotations
@@ -25,6 +27,10 @@ from .dicom import SliceRecord, read_slice
 from .files import MISSING_FOLDER, list_series_files, scan_folder
 
 logger = logging.getLogger(__name__)
+
+
+class NoStudiesError(FileNotFoundError):
+    """No study under the root for the split; the message names the paths looked at."""
 
 #: Sagittal series with TE and TR at most these (ms) are T1-weighted; longer is T2/STIR.
 T1_MAX_ECHO_MS = 40.0
@@ -103,20 +109,50 @@ def discover_studies(
     return _from_folders(img)
 
 
+def describe_no_studies(root: str | Path, split: str = "test") -> str:
+    """Why `discover_studies` found nothing under ``root``: the paths it looked at, what is
+    there instead, and what to pass."""
+    root = Path(root)
+    if not root.exists():
+        return f"the test root {root} does not exist; pass the competition folder that holds {split}_images/"
+    if not root.is_dir():
+        return f"the test root {root} is not a folder; pass the competition folder that holds {split}_images/"
+    csv, img = root / f"{split}_series_descriptions.csv", root / f"{split}_images"
+    seen = [f"{csv} ({'lists no studies' if csv.is_file() else 'missing'})",
+            f"{img}/ ({'no numeric study folders' if _is_dir(img) else 'missing'})"]
+    if not _is_dir(img):
+        seen.append(f"{root}/ itself (no numeric study folders)")
+    try:
+        names = [p.name for p in root.iterdir() if p.name.endswith("_series_descriptions.csv")]
+    except OSError:
+        names = []
+    names += [p.name for p in _subfolders(root) if p.name.endswith("_images")]
+    others = sorted({n.split("_")[0] for n in names} - {split})
+    hint = (f"this root has the split(s) {others}: pass --split {others[0]} (split={others[0]!r})" if others else
+            f"pass the competition folder that holds {split}_images/ and {split}_series_descriptions.csv")
+    return f"no studies found for split {split!r}: looked at {', '.join(seen)}; {hint}"
+
+
 def _from_csv(img: Path, csv_path: Path) -> list[StudyRef]:
     import pandas as pd
 
-    df = pd.read_csv(csv_path, dtype={"series_description": str})
+    try:
+        df = pd.read_csv(csv_path, dtype={"series_description": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{csv_path}: not a readable series CSV ({type(e).__name__}: {e})") from None
     need = {"study_id", "series_id", "series_description"}
     if not need.issubset(df.columns):
         raise ValueError(f"{csv_path} must have columns {sorted(need)}; found {list(df.columns)}")
     bad = df["study_id"].isna() | df["series_id"].isna()
     if bad.any():
-        logger.warning("%s: %d row(s) without a study or series id skipped", csv_path.name, int(bad.sum()))
+        logger.warning("%s: %d row(s) without a study or series id skipped", csv_path, int(bad.sum()))
         df = df[~bad]
+    try:
+        ids = [(int(a), int(b)) for a, b in zip(df["study_id"], df["series_id"])]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{csv_path}: study_id and series_id must be integers ({e})") from None
     studies: dict[int, StudyRef] = {}
-    for row in df.itertuples(index=False):
-        sid, ser = int(row.study_id), int(row.series_id)
+    for (sid, ser), row in zip(ids, df.itertuples(index=False)):
         desc = _clean_description(row.series_description)
         st = studies.get(sid)
         if st is None:
@@ -126,17 +162,25 @@ def _from_csv(img: Path, csv_path: Path) -> list[StudyRef]:
             logger.debug("study %s: series %s listed twice in %s", sid, ser, csv_path.name)
             continue
         st.series.append(_series_ref(st, ser, desc))
+    extra_series = []
     for st in studies.values():
         if st.path is None:
             logger.warning("study %s: folder missing under %s; it will get fallback rows", st.study_id, img)
             continue
         named = {str(s.series_id) for s in st.series}
-        for extra in sorted(p.name for p in _subfolders(st.path) if p.name not in named):
-            logger.debug("study %s: folder %s not in %s; ignored", st.study_id, extra, csv_path.name)
-    for p in _subfolders(img):
-        if p.name.isdigit() and int(p.name) not in studies:
-            logger.debug("study folder %s not in %s; ignored", p.name, csv_path.name)
+        extra_series += [f"{st.study_id}/{p.name}" for p in sorted(_subfolders(st.path)) if p.name not in named]
+    if extra_series:
+        logger.info("%d series folder(s) not listed in %s are ignored: %s", len(extra_series), csv_path,
+                    _examples(extra_series))
+    extra = sorted(p.name for p in _subfolders(img) if p.name.isdigit() and int(p.name) not in studies)
+    if extra:
+        logger.warning("%d study folder(s) under %s are not listed in %s and get no rows: %s", len(extra), img,
+                       csv_path, _examples(extra))
     return [studies[k] for k in sorted(studies)]
+
+
+def _examples(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
 def _clean_description(value: object) -> str | None:
