@@ -7,9 +7,48 @@ expose ``num_features``; families put their own heads on top.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 from torch import nn
+
+
+def check_arch_name(arch: str) -> None:
+    """An architecture is a plain timm / timm_3d name (``convnext_tiny``, ``resnet18.a1_in1k``).
+    A name with ``:`` (``hf-hub:org/model``, ``local-dir:...``) makes timm fetch a config
+    over the network before it builds anything: refused, whatever ``HF_HUB_OFFLINE`` says."""
+    if ":" in arch:
+        raise ValueError(
+            f"architecture {arch!r} names a model hub entry ({arch.split(':', 1)[0]}:...); inference is offline: "
+            "use the timm architecture name (e.g. 'convnext_tiny') and a local weights file"
+        )
+
+
+@contextlib.contextmanager
+def hub_offline() -> Iterator[None]:
+    """Hugging Face Hub offline mode for the duration: ``HF_HUB_OFFLINE=1`` in the
+    environment (worker processes inherit it) and in ``huggingface_hub``'s constants when
+    that is already imported (it reads the variable once, at import)."""
+    import os
+    import sys
+
+    before = {k: os.environ.get(k) for k in ("HF_HUB_OFFLINE",)}
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    hub = sys.modules.get("huggingface_hub.constants")
+    hub_before = getattr(hub, "HF_HUB_OFFLINE", None)
+    if hub is not None:
+        hub.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        if hub is not None:
+            hub.HF_HUB_OFFLINE = hub_before
 
 
 def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: Any) -> nn.Module:
@@ -21,6 +60,7 @@ def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: An
     for banned in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path", "num_classes"):
         if banned in kwargs:
             raise ValueError(f"backbone kwarg {banned!r} is not allowed: weights come from the manifest only")
+    check_arch_name(arch)
     if dims == 2:
         import timm
 

@@ -12,7 +12,10 @@ Plans form a fixed ladder, cheapest last:
 
 The guard only moves down the ladder (no oscillation). When even the cheapest plan cannot
 finish the next studies in time, those studies get prior rows without being read
-(`admit`). Cost model per study: a fixed part (reading, decoding, preprocessing, stage-2
+(`admit`; `give_up` when the caller runs out of time waiting). Before the first
+measurement nothing is known, so the predictor runs a one-study probe chunk first; every
+decision is logged (the first projection and each change at INFO/WARNING, the rest at
+DEBUG) and every change recorded in ``events``. Cost model per study: a fixed part (reading, decoding, preprocessing, stage-2
 cropping; measured as the chunk's wall time minus its model time) plus each active member's
 measured model time; a member never measured without TTA is assumed to cost
 1/`TTA_COST_FACTOR` of its TTA cost. All times come from an injectable ``clock``.
@@ -126,6 +129,7 @@ class DeadlineGuard:
     skipped: int = 0
     _fixed: _Cost = field(default_factory=_Cost)
     _member: dict[tuple[str, bool], _Cost] = field(default_factory=dict)
+    _projected: bool = False  # the first projection was logged
 
     def __post_init__(self) -> None:
         if not (self.budget_s > 0 and math.isfinite(self.budget_s)):
@@ -143,7 +147,19 @@ class DeadlineGuard:
 
     @property
     def deadline(self) -> float:
+        """When the models should be done: the budget less the reserve."""
         return float(self.start) + self.budget_s - float(self.reserve_s)
+
+    @property
+    def hard_deadline(self) -> float:
+        """When waiting for anything must stop: the budget less a quarter of the reserve
+        (writing the CSV and the report takes seconds)."""
+        return float(self.start) + self.budget_s - 0.25 * float(self.reserve_s)
+
+    @property
+    def measured(self) -> bool:
+        """Whether a chunk has been observed (costs are known)."""
+        return self._fixed.per_study is not None
 
     def elapsed(self) -> float:
         return self.clock() - float(self.start)
@@ -180,7 +196,10 @@ class DeadlineGuard:
     # -- decisions ------------------------------------------------------------------------
     def choose(self, remaining: int) -> Plan:
         """The plan for the next chunk given ``remaining`` studies (this chunk included)."""
-        if self._fixed.per_study is None or remaining <= 0:
+        if remaining <= 0:
+            return self.plan
+        if self._fixed.per_study is None:
+            logger.debug("deadline guard: no measurement yet; plan %r", self.plan.label)
             return self.plan
         now = self.clock()
         for level in range(self.level, len(self.ladder)):
@@ -196,6 +215,12 @@ class DeadlineGuard:
                         self.ladder[level].label, projected - self.start,
                     )
                     self.level = level
+                else:
+                    log = logger.debug if self._projected else logger.info
+                    log("deadline guard: %d studies left at %.2fs each, %.0fs of %.0fs used; plan %r "
+                        "(projected finish %.0fs)", remaining, cost, now - self.start, self.budget_s,
+                        self.plan.label, projected - self.start)
+                self._projected = True
                 return self.plan
         return self.plan  # pragma: no cover - the loop always returns at the last level
 
@@ -207,14 +232,24 @@ class DeadlineGuard:
         now = self.clock()
         cost = self.cost_per_study(self.ladder[-1]) if self._fixed.per_study is not None else None
         if cost is None:
-            return n if now <= self.deadline else 0
-        room = self.deadline - now
-        fit = n if room >= n * cost else max(0, int(room // cost)) if cost > 0 else n
+            fit = n if now <= self.deadline else 0
+        else:
+            room = self.deadline - now
+            fit = n if room >= n * cost else max(0, int(room // cost)) if cost > 0 else n
         if fit < n:
-            if not any(e.action == "priors for the rest" for e in self.events):
-                self._event("priors for the rest", now + n * cost)
-                logger.warning("deadline guard: no time left to run models; remaining studies get prior rows")
+            why = ("the budget was used up before any study was measured" if cost is None else
+                   f"the cheapest plan needs {cost:.2f}s per study and {max(0.0, self.deadline - now):.0f}s are left")
+            self.give_up(why, now + n * (cost or 0.0))
         return fit
+
+    def give_up(self, why: str, projected_abs: float | None = None) -> None:
+        """No time left: the studies not yet read get prior rows. Logged and recorded once."""
+        if any(e.action == "priors for the rest" for e in self.events):
+            return
+        now = self.clock()
+        self._event("priors for the rest", now if projected_abs is None else projected_abs)
+        logger.warning("deadline guard: no time left to run the models (%s; %.0fs of %.0fs used); the remaining "
+                       "studies get prior rows", why, now - float(self.start), self.budget_s)
 
     def gave_priors(self, n: int) -> None:
         """Record that ``n`` studies got prior rows unread (after `admit` said no)."""

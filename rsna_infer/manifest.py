@@ -94,6 +94,29 @@ class Manifest:
             if m.sha256 and not _SHA_RE.match(m.sha256):
                 raise ManifestError(f"{self._where()}model {m.name!r}: sha256 must be 64 lowercase hex digits, got {m.sha256!r}")
 
+    def check_for_prediction(self) -> None:
+        """What a manifest must also satisfy to predict (training tools build manifests one
+        entry at a time and may reference weights elsewhere): weight files inside its folder
+        (`check_contained`) and a positive blend weight in every condition group."""
+        self.check_contained()
+        self.check_blend_groups()
+
+    def check_blend_groups(self) -> None:
+        """Every condition group needs a positive weight somewhere among the stage-2 members;
+        a group whose weights sum to zero would silently give priors in every row."""
+        from .ensemble import member_weights
+
+        if not self.stage2:
+            return
+        sums = member_weights(self.stage2).sum(0)
+        dead = [g for g, s in zip(GROUPS, sums) if not s > 0]
+        if dead:
+            raise ManifestError(
+                f"{self._where()}the blend weights of condition group(s) {dead} sum to zero over the stage-2 members "
+                f"{[m.name for m in self.stage2]}: every such row would be the priors. Give a member a positive "
+                "'blend' weight there (or drop 'blend' from an entry to weigh it 1 in every group)"
+            )
+
     def _where(self) -> str:
         return f"manifest {self.path}: " if self.path else ""
 
@@ -101,6 +124,23 @@ class Manifest:
         """Absolute path of an entry's weight file."""
         p = Path(entry.file)
         return p if p.is_absolute() else (self.root / p)
+
+    def check_contained(self) -> None:
+        """Every weight file is named relative to the manifest's folder and stays inside it
+        (no absolute path, no ``..`` out): a manifest for prediction moves with its
+        ``weights/`` into a Kaggle dataset and reads no file it does not ship."""
+        for m in self.models:
+            rel = Path(m.file)
+            if rel.is_absolute() or os.path.isabs(m.file):
+                raise ManifestError(
+                    f"{self._where()}model {m.name!r}: weights file {m.file!r} is an absolute path; name it relative to "
+                    f"the manifest's folder {self.root} (e.g. 'weights/{m.name}.safetensors')"
+                )
+            if os.path.normpath(m.file).split(os.sep)[0] == os.pardir:
+                raise ManifestError(
+                    f"{self._where()}model {m.name!r}: weights file {m.file!r} lies outside the manifest's folder "
+                    f"{self.root}; copy it below that folder (`rsna-infer manifest add` does)"
+                )
 
     def entry(self, name: str) -> ModelEntry:
         for m in self.models:
@@ -183,7 +223,7 @@ def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | No
     if unknown:
         raise ManifestError(f"{where}unknown field(s) {sorted(unknown)}; allowed {sorted(_TOP_FIELDS)}")
     version = data.get("version", MANIFEST_VERSION)
-    if version != MANIFEST_VERSION:
+    if isinstance(version, bool) or version != MANIFEST_VERSION:  # True == 1 in Python; not here
         raise ManifestError(f"{where}version {version!r} is not supported; this rsna_infer reads version {MANIFEST_VERSION}")
     models_raw = data.get("models")
     if not isinstance(models_raw, list):
@@ -211,11 +251,9 @@ def save_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write ``manifest`` as JSON at ``path``; entry files are made relative to its folder."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    from .output import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n")
 
 
 def _check_priors(priors: Any, name: str) -> np.ndarray:
@@ -455,7 +493,12 @@ def _cli_verify(path: Path, device: str) -> int:
     from .members import load_member
 
     man = load_manifest(path, check_files=False)
-    failed = 0
+    failed, whole = 0, 0
+    try:
+        man.check_for_prediction()
+    except ManifestError as e:
+        whole = 1
+        print(f"FAIL  manifest: {e}")
     for m in man.models:
         try:
             p = man.resolve(m)
@@ -472,4 +515,4 @@ def _cli_verify(path: Path, device: str) -> int:
             failed += 1
             print(f"FAIL  {m.name}: {e}")
     print(f"{len(man.models) - failed}/{len(man.models)} model(s) verified")
-    return 1 if failed else 0
+    return 1 if failed or whole else 0

@@ -15,13 +15,16 @@ A failure inside one study (unreadable files, a prepare or decode exception, a n
 output) is caught, logged and recorded; that study keeps whatever views worked and its
 remaining targets get prior rows. A `DeadlineGuard` sheds TTA and then low-weight members
 when a time budget is given. On CUDA: fp16 autocast, ``inference_mode``, cudnn benchmark;
-with several GPUs each holds a replica of the ensemble and chunks alternate between them
-(one thread per device). On CPU everything runs in fp32.
+each device holds a replica of the ensemble and runs chunks on its own thread
+(`rsna_infer.devices.ReplicaSet`: a chunk that fails on one replica is re-run on another).
+On CPU everything runs in fp32. `predict` adds the run's safety net: a priors-only
+``submission.csv`` right after discovery, replaced by the real one at the end.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -29,14 +32,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from .constants import N_CLASSES, N_CONDITIONS, N_LEVELS
 from .deadline import DeadlineGuard, Plan, build_ladder
+from .devices import DeviceError, is_device_fault, is_out_of_memory, resolve_devices
 from .ensemble import blend_coverage, blend_logits, member_weights
 from .manifest import Manifest, ManifestError, load_manifest, resolve_manifest_path
+from .output import OutputError
 from .report import RunReport, StudyRecord, Timings, keypoints_dict
 from .specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
 
@@ -44,12 +49,13 @@ if TYPE_CHECKING:
     import pandas as pd
     import torch
 
+    from .devices import ChunkOutcome, ReplicaSet
     from .family import Family, Sample
     from .io.discovery import StudyRef
     from .io.volume import Study
     from .members import LoadedMember
     from .stage1.keypoints import KeypointSet, StudyKeypoints
-    from .streaming import LoadedStudy
+    from .streaming import LoadedStudy, StudyStream
 
 logger = logging.getLogger(__name__)
 
@@ -68,31 +74,6 @@ def default_num_workers() -> int:
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
     return max(0, min(4, n - 1))
-
-
-def resolve_devices(device: "str | Sequence[str] | None" = None) -> list["torch.device"]:
-    """``None``/``"auto"``: every visible GPU, else CPU. ``"cuda"``: every GPU. ``"cuda:1"``,
-    ``"cpu"``, ``"cuda:0,cuda:1"`` or a list: exactly those."""
-    import torch
-
-    if device is None or device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    names = [d.strip() for d in device.split(",")] if isinstance(device, str) else [str(d) for d in device]
-    out: list[torch.device] = []
-    for name in names:
-        d = torch.device(name)
-        if d.type == "cuda":
-            if not torch.cuda.is_available():
-                raise ValueError(f"device {name!r} requested but CUDA is not available; use device='cpu'")
-            if d.index is None:
-                out += [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
-                continue
-            if d.index >= torch.cuda.device_count():
-                raise ValueError(f"device {name!r}: only {torch.cuda.device_count()} GPU(s) visible")
-        out.append(d)
-    if not out:
-        raise ValueError(f"no device in {device!r}")
-    return out
 
 
 @dataclass
@@ -131,6 +112,22 @@ class ChunkOutput:
     records: dict[int, StudyRecord] = field(default_factory=dict)
     timings: Timings = field(default_factory=Timings)
     member_s: dict[str, float] = field(default_factory=dict)
+    oom_retries: int = 0  # batches split after CUDA out-of-memory
+    #: What an observer (`RunObserver`, e.g. the QA pages of `rsna_infer.viz`) keeps of this
+    #: chunk's samples and keypoints; None without an observer.
+    capture: Any = None
+
+
+class RunObserver(Protocol):
+    """Watches a run without changing it (`rsna_infer.viz.QACollector` writes QA pages).
+
+    ``new_chunk()`` returns a per-chunk capture with ``add(group, family, items)``, called
+    with every group's ``(study_id, sample)`` list as stage 1 and stage 2 get them, and
+    ``close(studies, keypoints, out)``, called once after the blend. A chunk that fails
+    simply drops its capture. Without an observer none of this runs.
+    """
+
+    def new_chunk(self) -> Any: ...
 
 
 @dataclass
@@ -146,6 +143,7 @@ class RunResult:
     wall_s: float
     warnings: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # main process / loading process(es)
+    faults: dict[str, Any] = field(default_factory=dict)  # what the machine did: workers, devices, OOM
 
 
 class Predictor:
@@ -154,7 +152,9 @@ class Predictor:
     ``manifest``: a `Manifest` or a path. ``device``: see `resolve_devices`. ``tta``: flip
     TTA in every family's ``run``. ``verify``: check sha256 of every weight file.
     ``finalize``: the stage-1 finalisation ``(study, keypoints) -> keypoints`` (default
-    `rsna_infer.stage1.assemble.finalize`). ``clock``: time source of the deadline guard.
+    `rsna_infer.stage1.assemble.finalize`). ``clock``: time source of the deadline guard
+    (waits and watchdogs always use ``time.monotonic``). Raises `ManifestError` (models,
+    weights, paths) or `rsna_infer.devices.DeviceError` before any study is read.
     """
 
     def __init__(
@@ -173,11 +173,13 @@ class Predictor:
 
         self.timings = Timings()
         self._failed = _FailureLog()
+        self.notes: list[str] = []  # run warnings from setup (a GPU passed over for the CPU...)
         t0 = time.perf_counter()
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, verify=verify)
         if isinstance(manifest, Manifest):
             self.manifest.check_files(verify=verify)
-        self.devices = resolve_devices(device)
+        self.manifest.check_for_prediction()
+        self.devices = resolve_devices(device, self.notes)
         self.tta = bool(tta)
         self.clock = clock
         on_cuda = self.devices[0].type == "cuda"
@@ -273,130 +275,74 @@ class Predictor:
         time_budget_s: float | None = None,
         start: float | None = None,
         progress: bool = True,
+        study_timeout_s: float | None = None,
+        start_method: str | None = None,
+        observer: RunObserver | None = None,
     ) -> RunResult:
         """Predict every study of ``refs`` (from `rsna_infer.io.discover_studies`).
 
         ``start``: clock value the time budget counts from (default: now).
+        ``study_timeout_s``: the loading workers' per-study watchdog (default
+        `rsna_infer.streaming.study_timeout_for` the budget); a device may take that long per
+        study of a chunk before it counts as hung. ``start_method``: the workers' (default
+        fork where it exists, else spawn). ``observer``: see `RunObserver` (None: nothing is
+        captured).
         """
-        from concurrent.futures import Future, ThreadPoolExecutor
+        from .devices import ReplicaSet
+        from .streaming import StudyStream, study_timeout_for
 
-        from tqdm.auto import tqdm
-
-        from .streaming import StudyStream, peak_rss_mb
-
-        t_run = time.perf_counter()
         num_workers = default_num_workers() if num_workers is None else int(num_workers)
         chunk_size = max(1, int(chunk_size))
-        timings = Timings()
-        records: dict[int, StudyRecord] = {}
-        probs: dict[int, np.ndarray] = {}
-        coverage: dict[int, np.ndarray] = {}
         guard = None
         if time_budget_s is not None:
             guard = DeadlineGuard(float(time_budget_s), build_ladder(self.manifest.models, self.tta), clock=self.clock, start=start)
-        n_dev = len(self.replicas)
-        pool = ThreadPoolExecutor(n_dev, thread_name_prefix="device") if n_dev > 1 else None
-        in_flight: list[tuple[Future[ChunkOutput], bool]] = []
-        run_warnings: list[str] = []
-        loader_rss = 0.0
-        remaining = len(refs)
-        last = self.clock()
-        bar = tqdm(total=len(refs), unit="study", desc="predict", disable=not progress, smoothing=0.1)
-
-        def collect(out: ChunkOutput, plan_tta: bool) -> None:
-            nonlocal last
-            probs.update(out.probs)
-            coverage.update(out.coverage)
-            records.update(out.records)
-            timings.merge(out.timings)
-            now = self.clock()
-            if guard is not None:
-                guard.observe(len(out.records), now - last, out.member_s, plan_tta, n_devices=n_dev)
-            last = now
-            bar.update(len(out.records))
-
+        timeout = float(study_timeout_s) if study_timeout_s else study_timeout_for(time_budget_s)
+        state = _RunState(refs, guard, self.full_plan(), self.clock, [str(d) for d in self.devices], progress)
+        run_chunk = self.run_chunk if observer is None else functools.partial(self.run_chunk, observer=observer)
+        replicas = ReplicaSet(run_chunk, state.device_names, study_timeout_s=timeout)
         try:
-            with StudyStream(refs, self.preparers(), num_workers, prefetch=chunk_size + num_workers) as stream:
-                index = 0
-                while remaining > 0:
-                    n = min(chunk_size, remaining)
-                    plan = self.full_plan() if guard is None else guard.choose(remaining)
-                    take = n if guard is None else guard.admit(n)
-                    t = time.perf_counter()
-                    loaded = stream.take(take) if take > 0 else []
-                    timings.add("wait_for_data", time.perf_counter() - t)
-                    remaining -= len(loaded)
-                    if take > 0 and not loaded:  # the stream ended early; the rest get priors
-                        break
-                    if take < n:  # out of time: everything after this gets priors, unread
-                        skipped = stream.skip(remaining)
-                        stream.stop()
-                        for sid in skipped:
-                            rec = StudyRecord(sid, status="skipped")
-                            rec.fallbacks.append("deadline: no time left to run the models; prior rows")
-                            records[sid] = rec
-                        bar.update(len(skipped))
-                        assert guard is not None
-                        guard.gave_priors(len(skipped))
-                        remaining = 0
-                    if not loaded:
-                        continue
-                    for ls in loaded:
-                        timings.add("load", ls.load_s)
-                        timings.add("prepare_at_load", ls.prepare_s)
-                        loader_rss = max(loader_rss, ls.peak_rss_mb)
-                    if pool is None:
-                        collect(self.safe_chunk(loaded, plan, 0), plan.tta)
-                    else:
-                        replica = index % n_dev
-                        if len(in_flight) >= n_dev:
-                            fut, tta_flag = in_flight.pop(0)
-                            collect(fut.result(), tta_flag)
-                        in_flight.append((pool.submit(self.safe_chunk, loaded, plan, replica), plan.tta))
-                    index += 1
-                    bar.set_postfix_str(plan.label if plan.label != "full" else "", refresh=False)
-                for fut, tta_flag in in_flight:
-                    collect(fut.result(), tta_flag)
-                in_flight.clear()
-                run_warnings += stream.warnings
-        except Exception as e:  # never lose the run: what is done is kept, the rest gets priors
-            logger.exception("the run stopped early after %d of %d studies", len(records), len(refs))
-            run_warnings.append(f"run stopped early after {len(records)} of {len(refs)} studies: {type(e).__name__}: {e}; "
-                                "the remaining studies got prior rows")
-            for fut, tta_flag in in_flight:
+            with StudyStream(refs, self.preparers(), num_workers, prefetch=chunk_size + num_workers,
+                             start_method=start_method, study_timeout_s=timeout) as stream:
                 try:
-                    collect(fut.result(), tta_flag)
-                except Exception as err:
-                    logger.error("a chunk in flight was lost: %s: %s", type(err).__name__, err)
+                    self._feed(stream, replicas, state, chunk_size)
+                finally:
+                    state.note_stream(stream)
+        except Exception as e:  # never lose the run: what is done is kept, the rest gets priors
+            state.stopped_early(e, replicas)
         finally:
-            bar.close()
-            if pool is not None:
-                pool.shutdown(wait=True)
-        wall = time.perf_counter() - t_run
-        return RunResult(
-            study_ids=[int(r.study_id) for r in refs], probs=probs, coverage=coverage, records=records,
-            timings=timings, deadline=None if guard is None else guard.to_dict(), wall_s=wall,
-            warnings=run_warnings,
-            peak_rss_mb={"main": round(peak_rss_mb(), 1), "loader": round(loader_rss, 1)},
-        )
+            replicas.close()
+            state.close()
+        return state.result(replicas)
 
-    def safe_chunk(self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0) -> ChunkOutput:
-        """`run_chunk`, but an unexpected exception costs only this chunk: its studies get
-        an error line and prior rows, and the run goes on."""
-        try:
-            return self.run_chunk(loaded, plan, replica)
-        except Exception as e:
-            logger.exception("chunk of studies %s failed", [ls.study_id for ls in loaded])
-            out = ChunkOutput()
-            for ls in loaded:
-                rec = out.records[ls.study_id] = StudyRecord(ls.study_id, warnings=list(ls.warnings), errors=list(ls.errors))
-                rec.error("chunk", e)
-                rec.fallbacks.append("the chunk holding this study failed; prior rows")
-            return out
+    def _feed(self, stream: "StudyStream", replicas: "ReplicaSet", state: "_RunState", chunk_size: int) -> None:
+        """Read a chunk whenever a device is free, settle each chunk as it ends.
 
-    def run_chunk(self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0) -> ChunkOutput:
+        Devices: `rsna_infer.devices.ReplicaSet` (failover, hung devices); the deadline:
+        `_RunState.decide` (a one-study probe chunk until costs are measured); results and
+        prior rows: `_RunState.settle`."""
+        while True:
+            while state.to_take and replicas.can_take() and not state.probing(replicas):
+                n = state.next_chunk_size(chunk_size)
+                plan, admitted = state.decide(n)
+                t = time.perf_counter()
+                loaded = stream.take(admitted, deadline=state.wait_deadline) if admitted else []
+                state.timings.add("wait_for_data", time.perf_counter() - t)
+                state.took(loaded)
+                if loaded:
+                    replicas.submit(loaded, plan)
+                if len(loaded) < n:
+                    state.rest_get_priors(stream, out_of_time=admitted < n or stream.out_of_time)
+            if not replicas.busy:
+                if state.to_take:  # no device is left to take them (all retired or given up)
+                    state.rest_get_priors(stream, out_of_time=state.past_deadline(), no_device=True)
+                return
+            state.settle(replicas.next(state.hard_deadline))
+
+    def run_chunk(
+        self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0, observer: RunObserver | None = None
+    ) -> ChunkOutput:
         """Stage 1, finalize, stage 2 and the blend for one chunk of decoded studies."""
-        out = ChunkOutput()
+        out = ChunkOutput(capture=None if observer is None else observer.new_chunk())
         studies: dict[int, Study] = {}
         t_chunk = time.perf_counter()
         for ls in loaded:
@@ -413,6 +359,8 @@ class Predictor:
         if studies:
             names, logits, masks = self._stage2(studies, by_id, kps, plan, replica, out)
             self._blend(sorted(studies), names, logits, masks, out)
+        if out.capture is not None:
+            out.capture.close(studies, kps, out)
         per_study = (time.perf_counter() - t_chunk) / max(1, len(loaded))
         for ls in loaded:
             out.records[ls.study_id].seconds = per_study + ls.load_s + ls.prepare_s
@@ -554,6 +502,8 @@ class Predictor:
                 out.records[sid].error(f"prepare {g.key}", e)
         if not g.in_worker:
             out.timings.add(f"stage{g.stage}/{g.key}/prepare", time.perf_counter() - t)
+        if out.capture is not None:
+            out.capture.add(g, family, items)
         return items
 
     def _run_member(
@@ -561,7 +511,9 @@ class Predictor:
     ) -> list[np.ndarray | None]:
         """Outputs of one member for every sample (None where it failed), in batches of
         equal-shaped samples. A failing batch is retried in halves, so one bad study costs
-        only its own output; CUDA out-of-memory is handled the same way."""
+        only its own output; CUDA out-of-memory is handled the same way, after the cache is
+        emptied. A device fault (`rsna_infer.devices.is_device_fault`) is not the studies'
+        doing: it propagates, and the chunk is re-run on another replica."""
         results: list[np.ndarray | None] = [None] * len(samples)
         by_shape: dict[tuple, list[int]] = {}
         for i, s in enumerate(samples):
@@ -571,20 +523,31 @@ class Predictor:
         t0 = time.perf_counter()
 
         def go(idx: list[int]) -> None:
+            split: bool | None = None  # set when the batch failed: True for out-of-memory
             try:
                 arr = self._forward(member, [samples[i] for i in idx], tta)
                 if arr.shape[0] != len(idx):
                     raise RuntimeError(f"{member.name}: run returned {arr.shape[0]} outputs for {len(idx)} samples")
             except Exception as e:
-                if len(idx) > 1:
-                    _release_cuda_cache(member)
-                    half = len(idx) // 2
-                    go(idx[:half])
-                    go(idx[half:])
+                if is_device_fault(e):
+                    raise
+                if len(idx) == 1:
+                    sid = sids[idx[0]]
+                    self._failed(f"run {member.name}", sid, e)
+                    out.records[sid].error(f"run {member.name}", e)
                     return
-                sid = sids[idx[0]]
-                self._failed(f"run {member.name}", sid, e)
-                out.records[sid].error(f"run {member.name}", e)
+                split = is_out_of_memory(e)
+            if split is not None:
+                # Split outside the except block: inside it the live traceback still holds the
+                # failed attempt's frames (its batch, its activations), which no empty_cache frees.
+                if split:
+                    out.oom_retries += 1
+                    logger.warning("%s: out of memory on a batch of %d on %s; cache emptied, retrying in halves",
+                                   member.name, len(idx), member.device)
+                _release_cuda_cache(member, collect=split)
+                half = len(idx) // 2
+                go(idx[:half])
+                go(idx[half:])
                 return
             for j, i in enumerate(idx):
                 if np.all(np.isfinite(arr[j])):
@@ -626,6 +589,147 @@ class Predictor:
         return out
 
 
+class _RunState:
+    """What a run has produced so far, the deadline decisions, and the one place where the
+    end of a chunk is recorded (`settle`: merged results, or prior rows and the reason)."""
+
+    def __init__(self, refs: Sequence["StudyRef"], guard: DeadlineGuard | None, full_plan: Plan,
+                 clock: Callable[[], float], device_names: list[str], progress: bool) -> None:
+        from tqdm.auto import tqdm
+
+        self.ids = [int(r.study_id) for r in refs]
+        self.guard, self.full_plan, self.clock = guard, full_plan, clock
+        self.device_names = device_names
+        self.to_take = len(self.ids)  # studies not read yet
+        self.probs: dict[int, np.ndarray] = {}
+        self.coverage: dict[int, np.ndarray] = {}
+        self.records: dict[int, StudyRecord] = {}
+        self.timings = Timings()
+        self.warnings: list[str] = []
+        self.faults: dict[str, Any] = {"oom_retries": 0}
+        self.loader_rss = 0.0
+        self.last: float | None = None  # clock at the last settled chunk: the guard's chunk wall time
+        self.t0 = time.perf_counter()
+        # Waits run on the real clock; the guard's deadlines are translated once, here.
+        self.wait_deadline = self.hard_deadline = None
+        if guard is not None:
+            real, now = time.monotonic(), clock()
+            self.wait_deadline = real + (guard.deadline - now)
+            self.hard_deadline = real + (guard.hard_deadline - now)
+        self.bar = tqdm(total=len(self.ids), unit="study", desc="predict", disable=not progress, smoothing=0.1)
+
+    # -- the deadline ----------------------------------------------------------------------
+    def probing(self, replicas: "ReplicaSet") -> bool:
+        """Costs unknown and the probe chunk still running: wait for it before reading more."""
+        return self.guard is not None and not self.guard.measured and replicas.busy
+
+    def next_chunk_size(self, chunk_size: int) -> int:
+        """A one-study probe until the guard has measured a chunk, then ``chunk_size``."""
+        probe = self.guard is not None and not self.guard.measured
+        return min(self.to_take, 1 if probe else chunk_size)
+
+    def decide(self, n: int) -> tuple[Plan, int]:
+        """The plan for the next chunk and how many of its ``n`` studies to read."""
+        if self.guard is None:
+            return self.full_plan, n
+        return self.guard.choose(self.to_take), self.guard.admit(n)
+
+    def past_deadline(self) -> bool:
+        return self.hard_deadline is not None and time.monotonic() >= self.hard_deadline
+
+    def rest_get_priors(self, stream: "StudyStream", out_of_time: bool, no_device: bool = False) -> None:
+        """Every study not read yet gets prior rows unread; the stream stops."""
+        if out_of_time and self.guard is not None:
+            self.guard.give_up("waiting for the loading workers reached the deadline" if stream.out_of_time
+                               else "a chunk was still running at the end of the budget" if no_device
+                               else "the cheapest plan does not fit")
+        skipped = stream.skip(self.to_take)
+        stream.stop()
+        if no_device and not out_of_time:
+            msg = f"no working device left: the {len(skipped)} studies not read yet got prior rows"
+            logger.error("%s", msg)
+            self.warnings.append(msg)
+        for sid in skipped:
+            rec = self.records[sid] = StudyRecord(sid, status="skipped" if out_of_time else "fallback")
+            rec.fallbacks.append("deadline: no time left to run the models; prior rows" if out_of_time
+                                 else "no working device left; prior rows" if no_device
+                                 else "the study stream ended early; prior rows")
+        if self.guard is not None:
+            self.guard.gave_priors(len(skipped))
+        self.bar.update(len(skipped))
+        self.to_take = 0
+
+    # -- collection --------------------------------------------------------------------------
+    def took(self, loaded: Sequence["LoadedStudy"]) -> None:
+        self.to_take -= len(loaded)
+        for ls in loaded:
+            self.timings.add("load", ls.load_s)
+            self.timings.add("prepare_at_load", ls.prepare_s)
+            self.loader_rss = max(self.loader_rss, ls.peak_rss_mb)
+        if loaded and self.last is None:  # the first chunk's time counts from its start, not the workers' start-up
+            self.last = self.clock()
+
+    def settle(self, outcome: "ChunkOutcome") -> None:
+        """A chunk ended: merge what it produced, or give its studies prior rows with why."""
+        from .devices import FINISHED
+
+        chunk, now = outcome.chunk, self.clock()
+        if outcome.status == FINISHED:
+            out: ChunkOutput = outcome.output
+            self.probs.update(out.probs)
+            self.coverage.update(out.coverage)
+            self.records.update(out.records)
+            self.timings.merge(out.timings)
+            self.faults["oom_retries"] += out.oom_retries
+            if self.guard is not None and self.last is not None:
+                self.guard.observe(len(out.records), now - self.last, out.member_s, chunk.plan.tta,
+                                   n_devices=len(self.device_names))
+        else:
+            one = len(self.device_names) == 1
+            for ls in chunk.loaded:
+                rec = self.records[ls.study_id] = StudyRecord(ls.study_id, warnings=list(ls.warnings), errors=list(ls.errors))
+                rec.errors += [f"chunk: {why}" if one else f"chunk on {self.device_names[r]}: {why}" for r, why in chunk.failures]
+                rec.fallbacks.append(f"the chunk holding this study {outcome.status} on every device tried; prior rows")
+        self.last = now
+        self.bar.update(len(chunk.loaded))
+        self.bar.set_postfix_str(chunk.plan.label if chunk.plan.label != "full" else "", refresh=False)
+
+    def note_stream(self, stream: "StudyStream") -> None:
+        self.warnings += stream.warnings
+        self.faults["workers"] = [e.to_dict() for e in stream.events]
+        self.faults["worker_processes"] = dict(stream.worker_stats)
+
+    def stopped_early(self, exc: BaseException, replicas: "ReplicaSet") -> None:
+        """The loop itself failed: keep what is done (chunks in flight included), the rest
+        get priors (predict fills in every study without a record)."""
+        logger.error("the run stopped early after %d of %d studies", len(self.records), len(self.ids), exc_info=exc)
+        limit = time.monotonic() + 60.0
+        try:
+            for outcome in replicas.drain(limit if self.hard_deadline is None else min(limit, self.hard_deadline)):
+                self.settle(outcome)
+        except Exception as err:
+            logger.error("a chunk in flight was lost: %s: %s", type(err).__name__, err)
+        self.warnings.append(f"run stopped early after {len(self.records)} of {len(self.ids)} studies: "
+                             f"{type(exc).__name__}: {exc}; the remaining studies got prior rows")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def result(self, replicas: "ReplicaSet") -> RunResult:
+        from .streaming import peak_rss_mb
+
+        self.warnings += replicas.warnings
+        self.faults["devices"] = replicas.events
+        self.faults["retired_devices"] = [{"device": r.name, "replica": r.index, "why": r.retired}
+                                          for r in replicas.replicas if r.retired]
+        return RunResult(
+            study_ids=self.ids, probs=self.probs, coverage=self.coverage, records=self.records, timings=self.timings,
+            deadline=None if self.guard is None else self.guard.to_dict(), wall_s=time.perf_counter() - self.t0,
+            warnings=self.warnings, peak_rss_mb={"main": round(peak_rss_mb(), 1), "loader": round(self.loader_rss, 1)},
+            faults=self.faults,
+        )
+
+
 def _describe_filled(targets: Sequence[str]) -> str:
     """``'priors for 7 target(s): spinal_canal_stenosis x5, left_subarticular_stenosis x2'``."""
     from .constants import CONDITIONS
@@ -649,7 +753,12 @@ class _FailureLog:
                      "" if first else " (traceback logged at the first occurrence)", exc_info=exc if first else None)
 
 
-def _release_cuda_cache(member: "LoadedMember") -> None:
+def _release_cuda_cache(member: "LoadedMember", collect: bool = False) -> None:
+    """Give cached device memory back (after out-of-memory, also collect garbage cycles)."""
+    if collect:
+        import gc
+
+        gc.collect()
     if member.device.type == "cuda":
         import torch
 
@@ -690,6 +799,11 @@ def predict(
     progress: bool = True,
     clock: Callable[[], float] = time.monotonic,
     finalize: Callable[["Study", "StudyKeypoints"], "StudyKeypoints"] | None = None,
+    study_timeout_s: float | None = None,
+    study_ids: Sequence[int] | None = None,
+    qa_dir: str | os.PathLike | None = None,
+    qa_worst: int = 10,
+    qa_labels: str | os.PathLike | None = None,
 ) -> "pd.DataFrame":
     """Write ``out_csv`` (25 rows per study of ``test_dir``'s series CSV) and
     ``run_report.json`` beside it; return the submission frame.
@@ -700,42 +814,82 @@ def predict(
     ``num_workers``: preprocessing processes (0 = in-process; default one per spare core, at
     most 4). ``time_budget_s``: finish within this many seconds of the call (TTA, then
     low-weight members are shed; studies that cannot fit get prior rows).
+    ``study_timeout_s``: a loading worker still busy with one study after this long is
+    killed and the study gets priors (default 600 s, or a tenth of the budget). ``study_ids``:
+    run only these studies of the series CSV (debugging; the CSV then holds only their rows).
+    ``qa_dir``: write QA pages there (`rsna_infer.viz`, needs Pillow): the ``qa_worst`` most
+    problematic studies get a page with what the models saw, plus an index page of the run;
+    ``qa_labels``: a ``train_label_coordinates.csv`` whose points are drawn as ground truth.
+
+    Order, so that every configuration or path mistake fails before a model runs, with an
+    error that says what to fix (`ManifestError`, `rsna_infer.output.OutputError`,
+    `rsna_infer.io.NoStudiesError`, `rsna_infer.devices.DeviceError`): the manifest is
+    validated (files, sha256, paths, blend groups) -> the output folder is probed -> studies
+    are discovered -> a priors-only ``out_csv`` is written (the safety net: a run killed
+    later still leaves a valid submission) -> the models are built and checked -> the
+    studies stream through them -> the real ``out_csv`` replaces the safety net. Everything
+    runs with ``HF_HUB_OFFLINE=1``.
     """
-    from .io import discover_studies
-    from .submission import assemble_submission, write_submission
+    from .backbones import hub_offline
 
     start = clock()
+    for name, value in (("time_budget_s", time_budget_s), ("study_timeout_s", study_timeout_s)):
+        if value is not None and not (float(value) > 0 and np.isfinite(float(value))):
+            raise ValueError(f"{name} must be a positive number of seconds, got {value}")
+    with hub_offline():
+        return _predict(
+            test_dir, Path(out_csv), manifest, device=device, tta=tta, num_workers=num_workers,
+            time_budget_s=time_budget_s, chunk_size=chunk_size, batch_size=batch_size, split=split,
+            report_path=report_path, progress=progress, clock=clock, finalize=finalize, start=start,
+            study_timeout_s=study_timeout_s, select=study_ids, qa_dir=qa_dir, qa_worst=qa_worst, qa_labels=qa_labels,
+        )
+
+
+def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.PathLike | Manifest | None", *,
+             device: Any, tta: bool, num_workers: int | None, time_budget_s: float | None, chunk_size: int,
+             batch_size: int | None, split: str, report_path: str | os.PathLike | None, progress: bool,
+             clock: Callable[[], float], finalize: Any, start: float, study_timeout_s: float | None,
+             select: Sequence[int] | None, qa_dir: str | os.PathLike | None, qa_worst: int,
+             qa_labels: str | os.PathLike | None) -> "pd.DataFrame":
+    from .io import NoStudiesError, describe_no_studies, discover_studies
+    from .output import probe_writable
+    from .streaming import study_timeout_for
+    from .submission import assemble_submission
+
     t0 = time.perf_counter()
-    if time_budget_s is not None and not (float(time_budget_s) > 0 and np.isfinite(float(time_budget_s))):
-        raise ValueError(f"time_budget_s must be a positive number of seconds, got {time_budget_s}")
-    out_csv = Path(out_csv)
+    collector = None
+    if qa_dir is not None:  # before any model is loaded: a missing Pillow or a bad labels file fails in seconds
+        from .viz.capture import QACollector
+
+        collector = QACollector(qa_dir, worst=qa_worst, labels=qa_labels)
     report = RunReport(test_dir=str(test_dir), out_csv=str(out_csv))
-    if isinstance(manifest, Manifest):
-        man_path, is_demo = manifest.path, False
-    else:
-        man_path, is_demo = resolve_manifest_path(manifest)
-    if is_demo:
-        logger.warning("%s\n%s\n%s", "!" * 88, DEMO_WARNING, "!" * 88)
-        report.warnings.append(DEMO_WARNING)
-    predictor = Predictor(manifest if isinstance(manifest, Manifest) else man_path, device=device, tta=tta,
-                          batch_size=batch_size, finalize=finalize, clock=clock)
-    man = predictor.manifest
+    rpath = Path(report_path) if report_path else out_csv.with_name("run_report.json")
+    man, man_path, is_demo = _manifest_for_prediction(manifest, report)
+    for folder in dict.fromkeys([out_csv.parent, rpath.parent]):
+        probe_writable(folder)
+    t = time.perf_counter()
+    refs = discover_studies(test_dir, split=split)
+    if not refs:
+        raise NoStudiesError(describe_no_studies(test_dir, split))
+    if select is not None:
+        refs = _select_studies(refs, select, test_dir)
+    for ref in refs:
+        logger.debug("study %s: %s", ref.study_id, ref.problems)
+    study_ids = [int(r.study_id) for r in refs]
+    discover_s = time.perf_counter() - t
+    _write_csv(None, out_csv, study_ids, man.priors)
+    predictor = Predictor(man, device=device, tta=tta, batch_size=batch_size, verify=False, finalize=finalize, clock=clock)
     report.manifest = {"path": str(man_path) if man_path else None, "sha256": man.sha256, "demo": is_demo,
                        "notes": man.notes, "priors": "manifest" if man.priors_given else "default"}
     report.devices = [str(d) for d in predictor.devices]
+    report.warnings += predictor.notes
     report.models = predictor.models_info()
     report.settings = {"tta": tta, "num_workers": default_num_workers() if num_workers is None else num_workers,
                        "chunk_size": chunk_size, "batch_size": predictor.batch_size, "time_budget_s": time_budget_s,
+                       "study_timeout_s": study_timeout_s or study_timeout_for(time_budget_s), "split": split,
                        "precision": "fp16 autocast" if predictor.devices[0].type == "cuda" else "fp32"}
-    t = time.perf_counter()
-    refs = discover_studies(test_dir, split=split)
-    discover_s = time.perf_counter() - t
-    if not refs:
-        logger.warning("no studies found under %s: writing an empty submission", test_dir)
-    for ref in refs:
-        logger.debug("study %s: %s", ref.study_id, ref.problems)
     result = predictor.run(refs, num_workers=num_workers, chunk_size=chunk_size, time_budget_s=time_budget_s,
-                           start=start, progress=progress)
+                           start=start, progress=progress, study_timeout_s=study_timeout_s, observer=collector)
     t = time.perf_counter()
     assembled = assemble_submission(result.probs, result.study_ids, masks=result.coverage, priors=man.priors)
     for sid in result.study_ids:
@@ -744,26 +898,86 @@ def predict(
         rec.set_prior_targets(len(filled))
         if filled and rec.status != "skipped":
             rec.fallbacks.append(_describe_filled(filled))
-    write_submission(assembled.frame, out_csv, result.study_ids)
-    write_s = time.perf_counter() - t
+    report.deadline = result.deadline or {}
+    report.warnings += result.warnings
+    report.faults = result.faults
+    report.peak_rss_mb = result.peak_rss_mb
+    report.n_studies = len(result.study_ids)
+    report.add_studies([result.records[s] for s in result.study_ids])
+    try:
+        _write_csv(assembled.frame, out_csv, result.study_ids)
+    except OutputError as e:
+        report.warnings.append(str(e))
+        _write_report(report, rpath, out_csv, complete=False)
+        raise
     timings = Timings()
     timings.merge(predictor.timings)
     timings.merge(result.timings)
     timings.add("discover", discover_s)
-    timings.add("write", write_s)
+    timings.add("write", time.perf_counter() - t)
     report.timings = timings.to_dict()
-    report.n_studies = len(result.study_ids)
     report.wall_s = round(time.perf_counter() - t0, 3)
     report.studies_per_s = round(len(result.study_ids) / result.wall_s, 4) if result.wall_s > 0 else 0.0
-    report.deadline = result.deadline or {}
-    report.warnings += result.warnings
-    report.peak_rss_mb = result.peak_rss_mb
-    report.add_studies([result.records[s] for s in result.study_ids])
-    rpath = Path(report_path) if report_path else out_csv.with_name("run_report.json")
-    report.write(rpath)
+    _write_report(report, rpath, out_csv, complete=True)
     logger.info("%d studies in %.1fs (%.2f studies/s); %s; report: %s", report.n_studies, report.wall_s,
                 report.studies_per_s, report.summary, rpath)
+    if collector is not None:  # the submission is written: a QA problem is logged, never raised
+        try:
+            collector.write(report.to_dict(), rpath)
+        except Exception:
+            logger.exception("writing the QA pages under %s failed", qa_dir)
     return assembled.frame
+
+
+def _select_studies(refs: list["StudyRef"], study_ids: Sequence[int], test_dir: str | os.PathLike) -> list["StudyRef"]:
+    """The refs of ``study_ids``, in their order; an unknown id is a configuration error."""
+    by_id = {int(r.study_id): r for r in refs}
+    missing = [int(s) for s in study_ids if int(s) not in by_id]
+    if missing:
+        some = ", ".join(str(s) for s in sorted(by_id)[:5])
+        raise ValueError(f"study {missing[0]} is not in {test_dir} ({len(by_id)} studies, e.g. {some})")
+    return [by_id[int(s)] for s in dict.fromkeys(study_ids)]
+
+
+def _manifest_for_prediction(manifest: "str | os.PathLike | Manifest | None", report: RunReport) -> tuple[Manifest, Path | None, bool]:
+    """The manifest, validated for prediction (files present, sha256, paths, blend groups)."""
+    if isinstance(manifest, Manifest):
+        man, man_path, is_demo = manifest, manifest.path, False
+        man.check_files(verify=True)
+    else:
+        man_path, is_demo = resolve_manifest_path(manifest)
+        man = load_manifest(man_path, verify=True)
+    if is_demo:
+        logger.warning("%s\n%s\n%s", "!" * 88, DEMO_WARNING, "!" * 88)
+        report.warnings.append(DEMO_WARNING)
+    man.check_for_prediction()
+    return man, man_path, is_demo
+
+
+def _write_csv(frame: "pd.DataFrame | None", out_csv: Path, study_ids: list[int], priors: np.ndarray | None = None) -> None:
+    """The submission (``frame``), or with ``frame=None`` the priors-only safety net."""
+    from .submission import prior_submission, write_submission
+
+    try:
+        if frame is None:
+            write_submission(prior_submission(study_ids, priors), out_csv, study_ids)
+            logger.info("safety net: a priors-only %s for %d studies is in place; the real one replaces it at the end",
+                        out_csv, len(study_ids))
+        else:
+            write_submission(frame, out_csv, study_ids)
+    except OSError as e:
+        what = "the safety-net submission" if frame is None else "the final submission"
+        kept = "" if frame is None else "; the priors-only safety net written at the start is still there"
+        raise OutputError(f"cannot write {what} {out_csv}: {e.strerror or e}{kept}") from None
+
+
+def _write_report(report: RunReport, path: Path, out_csv: Path, complete: bool) -> None:
+    """The run report; failing to write it never fails a run whose CSV is written."""
+    try:
+        report.write(path)
+    except OSError as e:
+        logger.error("could not write the run report %s (%s); the submission %s is %s", path, e.strerror or e,
+                     out_csv, "complete" if complete else "the priors-only safety net")
 
 
 # -- command line -------------------------------------------------------------------------
@@ -780,17 +994,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--chunk-size", type=int, default=DEFAULT_CHUNK_SIZE, help=f"studies per chunk (default {DEFAULT_CHUNK_SIZE})")
     parser.add_argument("--batch-size", type=int, default=None, help="model batch size (default 32 on CUDA, 8 on CPU)")
     parser.add_argument("--split", default="test", help="which {split}_images folder to read (default: test)")
+    parser.add_argument("--qa-dir", type=Path, default=None, help="write QA pages (what the models saw) of the worst studies here (needs Pillow)")
+    parser.add_argument("--qa-worst", type=int, default=10, metavar="N", help="studies that get a QA page (default 10; see docs/viz.md for the ranking)")
+    parser.add_argument("--qa-labels", type=Path, default=None, metavar="CSV", help="train_label_coordinates.csv: draw the ground-truth points on the QA pages")
+    parser.add_argument("--study-timeout", type=float, default=None, metavar="SECONDS",
+                        help="kill a loading worker still busy with one study after this long; the study gets priors "
+                             "(default 600, or a tenth of --time-budget)")
 
 
 def run_cli(args: argparse.Namespace) -> int:
+    """Exit 0 with a complete CSV; 1 with one line on stderr saying what to fix."""
+    import sys
+
+    from .viz import VizUnavailable
+
     try:
         df = predict(
             args.test_dir, out_csv=args.out, manifest=args.manifest, device=args.device, tta=not args.no_tta,
             num_workers=args.workers, time_budget_s=args.time_budget, chunk_size=args.chunk_size,
-            batch_size=args.batch_size, split=args.split,
+            batch_size=args.batch_size, split=args.split, study_timeout_s=args.study_timeout,
+            qa_dir=args.qa_dir, qa_worst=args.qa_worst, qa_labels=args.qa_labels,
         )
-    except (ManifestError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}")
+    except (ManifestError, DeviceError, OutputError, FileNotFoundError, ValueError, OSError, VizUnavailable) as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {args.out} ({len(df)} rows) and {args.out.with_name('run_report.json')}")
+    if args.qa_dir is not None:
+        print(f"QA pages: {args.qa_dir / 'index.html'}")
     return 0

@@ -123,6 +123,19 @@ class InputSpec:
         return d
 
 
+def _integer(value: Any, what: str) -> int:
+    """``value`` as an int; ``true``/``false`` and fractions are refused (a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(f"{what} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+    except ValueError:
+        raise SpecError(f"{what} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and out != value:
+        raise SpecError(f"{what} must be an integer, got {value!r}")
+    return out
+
+
 @dataclass
 class ModelEntry:
     """One trained model in the manifest.
@@ -154,6 +167,11 @@ class ModelEntry:
             raise SpecError("model name must be a non-empty string")
         if self.family not in FAMILIES:
             raise SpecError(f"model {self.name!r}: unknown family {self.family!r}; expected one of {FAMILIES}")
+        if ":" in self.arch:
+            raise SpecError(
+                f"model {self.name!r}: arch {self.arch!r} names a model hub entry; inference is offline: use the "
+                "timm / timm_3d architecture name (e.g. 'convnext_tiny') with a local weights file"
+            )
         for g, w in self.blend.items():
             if g not in GROUPS:
                 raise SpecError(f"model {self.name!r}: blend group {g!r} unknown; expected {GROUPS}")
@@ -185,12 +203,12 @@ class ModelEntry:
             input=spec,
             file=str(d["file"]),
             sha256=str(d.get("sha256", "")),
-            fold=int(d.get("fold", 0)),
+            fold=_integer(d.get("fold", 0), f"model {name!r}: fold"),
             arch_kwargs=dict(d.get("arch_kwargs") or {}),
             model_kwargs=dict(d.get("model_kwargs") or {}),
             blend={str(k): float(v) for k, v in (d.get("blend") or {}).items()},
         )
-        if "stage" in d and int(d["stage"]) != entry.stage:
+        if "stage" in d and _integer(d["stage"], f"model {name!r}: stage") != entry.stage:
             raise SpecError(f"model {name!r}: stage {d['stage']} does not match family {entry.family!r} (stage {entry.stage})")
         return entry
 

@@ -26,7 +26,7 @@ from ..io.volume import Study, Volume
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: per-slice native spacing kept
+CACHE_FORMAT = 3  # 2: per-slice native spacing kept; 3: native offsets, files, SOPInstanceUIDs
 
 
 def folder_fingerprint(folder: str | Path) -> str:
@@ -65,8 +65,9 @@ def save_study(study: Study, path: str | Path) -> Path:
             arrays[f"v{i}_pixels"] = _compact(v.pixels)
             arrays[f"v{i}_positions"] = v.positions
             arrays[f"v{i}_instance_numbers"] = v.instance_numbers
-            if v.native_spacing is not None:
-                arrays[f"v{i}_native_spacing"] = v.native_spacing
+            for name in ("native_spacing", "native_offset"):
+                if getattr(v, name) is not None:
+                    arrays[f"v{i}_{name}"] = getattr(v, name)
             vols_meta.append({
                 "type": series_type,
                 "row_dir": v.row_dir.tolist(),
@@ -76,6 +77,8 @@ def save_study(study: Study, path: str | Path) -> Path:
                 "series_id": int(v.series_id),
                 "description": v.description,
                 "stack_index": int(v.stack_index),
+                "files": v.files,
+                "sop_instance_uids": v.sop_instance_uids,
             })
             i += 1
     meta = {"format": CACHE_FORMAT, "study_id": int(study.study_id), "warnings": list(study.warnings),
@@ -112,6 +115,9 @@ def load_cached_study(path: str | Path) -> Study:
                 description=vm["description"],
                 stack_index=vm["stack_index"],
                 native_spacing=z[f"v{i}_native_spacing"] if f"v{i}_native_spacing" in z.files else None,
+                native_offset=z[f"v{i}_native_offset"] if f"v{i}_native_offset" in z.files else None,
+                files=vm.get("files"),
+                sop_instance_uids=vm.get("sop_instance_uids"),
             ))
     return Study(study_id=int(meta["study_id"]), volumes=volumes, warnings=list(meta["warnings"]))
 
