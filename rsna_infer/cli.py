@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "score": ("rsna_infer.metric", "score a submission CSV against train.csv-style labels"),
     "synth": ("rsna_infer.synth", "write phantom lumbar-spine studies in the Kaggle layout"),
     "manifest": ("rsna_infer.manifest", "add, verify or summarise a weights manifest"),
+    "estimate": ("rsna_infer.estimate", "project a manifest's run time per GPU kind; what to shed to fit 9 h"),
     "train": ("rsna_infer.train.cli", "train one model family on one fold"),
     "fit-blend": ("rsna_infer.train.blend", "fit per-group blend weights on out-of-fold logits"),
 }

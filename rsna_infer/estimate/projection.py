@@ -1,0 +1,249 @@
+"""From per-study costs to hours: device time per GPU kind, host time on N CPUs, the verdict
+against the Kaggle limit and the shedding advice (the deadline guard's own ladder).
+
+Model of today's run loop (`rsna_infer.predictor`): loading workers (``min(4, cpus - 1)``,
+the predictor's default) decode each study and run the keypoint-free stage-1 preparation;
+each device thread runs the models of its chunks and, between them, the preparation that
+needs keypoints (stage-2 crops, axial xy) in the main process. Per study the run is bound by
+the slowest of three paths:
+
+- device path: ``(device seconds + main-process preparation) / gpus``;
+- loading path: ``(decode + worker preparation) / workers``;
+- CPU path: all host CPU seconds ``/ cpus``.
+
+Plus a one-off setup (building, loading and checking every model). Figures are projections:
+the device part rests on counted FLOPs and assumed (or calibrated) throughputs, the host
+part on CPU seconds measured on this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from ..deadline import Plan, build_ladder, default_reserve_s
+from .cost import EnsembleCost
+from .gpus import Calibration, GpuKind
+
+#: Kaggle's notebook limit and the default budget given to the deadline guard (the
+#: notebook's ``TIME_BUDGET_S``): 0.5 h kept for start-up, install and projection error.
+KAGGLE_LIMIT_HOURS = 9.0
+DEFAULT_BUDGET_HOURS = 8.5
+#: One-off setup: a fixed part (imports, discovery, CUDA context, one dummy forward per model,
+#: cudnn autotuning of the first shapes) plus reading the fp32 weights from the dataset.
+SETUP_FIXED_S = 60.0
+WEIGHTS_READ_MB_PER_S = 200.0
+
+
+def loader_workers(cpus: int) -> int:
+    """The predictor's default number of loading processes on a machine with ``cpus`` CPUs
+    (`rsna_infer.predictor.default_num_workers`), at least one for the projection."""
+    return max(1, min(4, int(cpus) - 1))
+
+
+@dataclass
+class MemberRow:
+    """One member's share of the projected run."""
+
+    name: str
+    stage: int
+    family: str
+    variant: str
+    arch: str
+    fold: int
+    signature: str
+    params: int
+    samples_per_study: float
+    tta_passes: int  # forwards per sample under this projection (1 without TTA)
+    gflop_per_study: float
+    tflops: float  # effective throughput assumed for it
+    throughput_source: str
+    device_s_per_study: float  # on one card
+    device_hours: float  # for all studies, sharded over the cards
+    share: float  # of the ensemble's device time
+
+
+@dataclass
+class PathTimes:
+    """Seconds per study on each path, and which one bounds the run."""
+
+    device_s: float  # model forwards on one card
+    main_prepare_s: float  # keypoint-dependent preparation in the main process
+    loader_s: float  # decode + worker preparation, CPU seconds on one core
+    decode_s: float
+    device_path_s: float
+    loader_path_s: float
+    cpu_path_s: float
+
+    @property
+    def per_study_s(self) -> float:
+        return max(self.device_path_s, self.loader_path_s, self.cpu_path_s)
+
+    @property
+    def bottleneck(self) -> str:
+        paths = {"device (+ main-process preparation)": self.device_path_s, "loading workers": self.loader_path_s,
+                 "host CPUs": self.cpu_path_s}
+        return max(paths, key=paths.__getitem__)
+
+
+@dataclass
+class LadderStep:
+    label: str
+    tta: bool
+    members: int
+    projected_hours: float
+    fits: bool
+
+
+@dataclass
+class Estimate:
+    """A projected run; `to_dict` is the ``--json`` output."""
+
+    n_studies: int
+    gpu: GpuKind
+    gpus: int
+    tta: bool
+    cpus: int
+    members: list[MemberRow]
+    paths: PathTimes
+    setup_s: float
+    projected_hours: float
+    limit_hours: float
+    budget_hours: float
+    usable_hours: float  # budget minus the deadline guard's reserve
+    fits: bool
+    ladder: list[LadderStep]
+    advice: list[str]
+    calibrated: str
+    cost: EnsembleCost
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def verdict(self) -> str:
+        return "fits" if self.fits else "does not fit"
+
+    def to_dict(self) -> dict[str, Any]:
+        p = self.paths
+        return {
+            "manifest": self.cost.manifest_path,
+            "n_studies": self.n_studies,
+            "gpu": {"kind": self.gpu.key, "name": self.gpu.name, "count": self.gpus, "peak_tflops": self.gpu.peak_tflops,
+                    "prior_efficiency": self.gpu.efficiency, "memory_gb": self.gpu.memory_gb, "source": self.gpu.source,
+                    "calibration": self.calibrated},
+            "tta": self.tta,
+            "cpus": self.cpus,
+            "loader_workers": loader_workers(self.cpus),
+            "projected_hours": round(self.projected_hours, 4),
+            "limit_hours": self.limit_hours,
+            "budget_hours": self.budget_hours,
+            "usable_hours": round(self.usable_hours, 4),
+            "verdict": self.verdict,
+            "fits": self.fits,
+            "bottleneck": p.bottleneck,
+            "per_study_s": {k: _sig(v) for k, v in asdict(p).items()} | {"per_study_s": _sig(p.per_study_s)},
+            "setup_s": round(self.setup_s, 1),
+            "tflop_per_study": round(sum(m.gflop_per_study for m in self.members) / 1e3, 4),
+            "members": [{k: (_sig(v) if isinstance(v, float) else v) for k, v in asdict(m).items()} for m in self.members],
+            "ladder": [asdict(s) | {"projected_hours": round(s.projected_hours, 4)} for s in self.ladder],
+            "advice": self.advice,
+            "costs": self.cost.to_dict(),
+            "notes": self.notes + self.cost.notes,
+        }
+
+
+def _sig(x: float, digits: int = 6) -> float:
+    """``x`` to ``digits`` significant digits (tiny per-member hours must not round to 0)."""
+    return float(f"{x:.{digits}g}")
+
+
+def _throughput(gpu: GpuKind, signature: str, calibration: Calibration | None) -> tuple[float, str]:
+    if calibration is None:
+        return gpu.effective_tflops, f"prior ({gpu.peak_tflops:g} peak x {gpu.efficiency:g})"
+    return calibration.throughput(gpu, signature)
+
+
+def _paths(cost: EnsembleCost, gpu: GpuKind, gpus: int, cpus: int, plan: Plan,
+           calibration: Calibration | None) -> tuple[PathTimes, dict[str, float]]:
+    device = {}
+    for e in cost.entries:
+        if e.name in plan.members:
+            sig = cost.member_signature[e.name]
+            tflops, _ = _throughput(gpu, sig, calibration)
+            device[e.name] = cost.signatures[sig].flops_per_study(plan.tta) / (tflops * 1e12)
+    main = sum(p.cpu_s_per_study for p in cost.preps.values() if not p.in_worker and plan.members.intersection(p.members))
+    decode = cost.decode_cpu_s_per_study or 0.0
+    loader = decode + sum(p.cpu_s_per_study for p in cost.preps.values() if p.in_worker)  # workers prepare every group
+    dev = sum(device.values())
+    paths = PathTimes(dev, main, loader, decode, (dev + main) / gpus, loader / loader_workers(cpus), (loader + main) / cpus)
+    return paths, device
+
+
+def project(
+    cost: EnsembleCost,
+    n_studies: int,
+    gpu: GpuKind,
+    gpus: int = 1,
+    tta: bool = True,
+    cpus: int = 4,
+    calibration: Calibration | None = None,
+    limit_hours: float = KAGGLE_LIMIT_HOURS,
+    budget_hours: float = DEFAULT_BUDGET_HOURS,
+) -> Estimate:
+    """Project a run of ``n_studies`` on ``gpus`` cards of ``gpu`` with ``cpus`` CPUs."""
+    if n_studies < 0 or gpus < 1 or cpus < 1:
+        raise ValueError("n_studies must be >= 0, gpus and cpus >= 1")
+    if not 0 < budget_hours <= limit_hours:
+        raise ValueError(f"budget_hours must be in (0, limit_hours={limit_hours}], got {budget_hours}")
+    weight_mb = 4 * sum(cost.member(e.name).params for e in cost.entries) / 1e6
+    setup_s = SETUP_FIXED_S + weight_mb / WEIGHTS_READ_MB_PER_S
+    budget_s = budget_hours * 3600.0
+    usable_s = budget_s - default_reserve_s(budget_s)
+
+    def hours(plan: Plan) -> tuple[float, PathTimes, dict[str, float]]:
+        paths, device = _paths(cost, gpu, gpus, cpus, plan, calibration)
+        return (setup_s + n_studies * paths.per_study_s) / 3600.0, paths, device
+
+    ladder_plans = build_ladder(cost.entries, tta)
+    steps = []
+    for plan in ladder_plans:
+        h, _, _ = hours(plan)
+        steps.append(LadderStep(plan.label, plan.tta, len(plan.members), h, h * 3600.0 <= usable_s))
+    total_h, paths, device = hours(ladder_plans[0])
+    total_dev = sum(device.values()) or 1.0
+    rows = []
+    for e in cost.entries:
+        sc = cost.member(e.name)
+        tflops, source = _throughput(gpu, sc.signature, calibration)
+        s = device[e.name]
+        rows.append(MemberRow(
+            e.name, e.stage, e.family, e.variant, e.arch, e.fold, sc.signature, sc.params, sc.samples_per_study,
+            sc.tta_passes if tta else 1, sc.flops_per_study(tta) / 1e9, tflops, source, s,
+            n_studies * s / gpus / 3600.0, s / total_dev,
+        ))
+    fits = total_h * 3600.0 <= usable_s
+    advice = _advice(steps, fits, n_studies, setup_s, usable_s, paths)
+    notes = ["projections, not measurements: device time = counted FLOPs / assumed effective throughput"
+             + ("" if calibration else " (uncalibrated priors; run benchmarks/gpu_check.py on a real card and pass --calibration)")]
+    if paths.bottleneck != "device (+ main-process preparation)":
+        notes.append(f"the host bounds this run ({paths.bottleneck}): more or faster CPUs, or lighter decoding, help; "
+                     "shedding models barely does")
+    calibrated = "none (priors)" if calibration is None else f"{calibration.path or ''} ({calibration.device_name})"
+    return Estimate(n_studies, gpu, gpus, tta, cpus, rows, paths, setup_s, total_h, limit_hours, budget_hours,
+                    usable_s / 3600.0, fits, steps, advice, calibrated, cost, notes)
+
+
+def _advice(steps: list[LadderStep], fits: bool, n: int, setup_s: float, usable_s: float, paths: PathTimes) -> list[str]:
+    """What to drop, in the deadline guard's order, until the run fits."""
+    if fits:
+        return [f"fits as is ({steps[0].projected_hours:.2f} h of {usable_s / 3600:.2f} h usable)"]
+    for k, s in enumerate(steps):
+        if s.fits:
+            taken = [t.label for t in steps[1 : k + 1]]
+            return [f"to fit in {usable_s / 3600:.2f} h, shed in the deadline guard's order: " + ", then ".join(taken)
+                    + f" -> {s.projected_hours:.2f} h with {s.members} member(s){'' if s.tta else ', no TTA'}"]
+    last = steps[-1]
+    per = (last.projected_hours * 3600.0 - setup_s) / max(n, 1)
+    done = int(max(0.0, usable_s - setup_s) // per) if per > 0 else n
+    return [f"does not fit even after every shedding step ({last.projected_hours:.2f} h at plan {last.label!r}); "
+            f"the deadline guard would run about {min(done, n)} of {n} studies and give the rest prior rows. "
+            "Use a smaller ensemble, fewer folds or smaller inputs"]
