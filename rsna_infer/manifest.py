@@ -7,6 +7,7 @@ A manifest is one JSON file::
       "version": 1,
       "notes": "what these weights are",
       "priors": [[[0.75, 0.17, 0.08], ...5 levels], ...5 conditions],   # optional
+      "split": "3f2a...",   # optional: id of the fold split the models were trained on
       "models": [ {ModelEntry}, ... ]
     }
 
@@ -45,7 +46,7 @@ MANIFEST_VERSION = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"version", "notes", "priors", "models"}
+_TOP_FIELDS = {"version", "notes", "priors", "split", "models"}
 
 
 class ManifestError(ValueError):
@@ -74,6 +75,7 @@ class Manifest:
     path: Path | None = None  # the file it was loaded from
     sha256: str = ""  # of the file's bytes, for the run report
     priors_given: bool = False  # False: `priors` are the documented default
+    split: str = ""  # fold split id of the training runs (rsna_infer.train.folds.split_id); "" = unrecorded
 
     def __post_init__(self) -> None:
         self.priors = _check_priors(self.priors, "priors")
@@ -149,6 +151,8 @@ class Manifest:
         out: dict[str, Any] = {"version": self.version, "notes": self.notes}
         if self.priors_given:
             out["priors"] = np.round(self.priors, 6).tolist()
+        if self.split:
+            out["split"] = self.split
         out["models"] = models
         return out
 
@@ -201,9 +205,12 @@ def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | No
         priors = _check_priors(data["priors"], "priors") if "priors" in data else default_priors()
     except ManifestError as e:
         raise ManifestError(f"{where}{e}") from None
+    split = data.get("split", "")
+    if not isinstance(split, str):
+        raise ManifestError(f"{where}'split' must be a string (a fold split id)")
     return Manifest(
         models=models, priors=priors, notes=notes, version=version, root=Path(root).resolve(), path=path,
-        priors_given="priors" in data,
+        priors_given="priors" in data, split=split,
     )
 
 
@@ -323,6 +330,23 @@ def packaged_demo_manifest() -> Path:
     return Path(__file__).resolve().parent / "demo" / "weights_manifest.json"
 
 
+def demo_weight_hashes() -> set[str]:
+    """sha256 of every packaged demo weight file (empty when the demo is not installed)."""
+    path = packaged_demo_manifest()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    return {str(m.get("sha256")) for m in data.get("models", []) if isinstance(m, dict) and m.get("sha256")}
+
+
+def demo_entries(manifest: Manifest) -> list[str]:
+    """Names of ``manifest``'s entries whose weights are the packaged demo weights (by
+    sha256, wherever the files were copied or renamed)."""
+    demo = demo_weight_hashes()
+    return [m.name for m in manifest.models if m.sha256 and m.sha256 in demo]
+
+
 def resolve_manifest_path(manifest: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """``(path, is_demo)``: the argument, else ``$RSNA_INFER_MANIFEST``, else the packaged demo.
 
@@ -422,7 +446,7 @@ def add_model(
     file = os.path.relpath(dest, manifest_path.parent)
     entry = replace(entry, file=Path(file).as_posix(), sha256=digest)
     models = [m for m in man.models if m.name != entry.name] + [entry]
-    new = Manifest(models=models, priors=man.priors, notes=man.notes, root=manifest_path.parent, path=manifest_path, priors_given=man.priors_given)
+    new = Manifest(models=models, priors=man.priors, notes=man.notes, root=manifest_path.parent, path=manifest_path, priors_given=man.priors_given, split=man.split)
     save_manifest(new, manifest_path)
     return entry
 

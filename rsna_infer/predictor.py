@@ -36,7 +36,7 @@ import numpy as np
 from .constants import N_CLASSES, N_CONDITIONS, N_LEVELS
 from .deadline import DeadlineGuard, Plan, build_ladder
 from .ensemble import blend_coverage, blend_logits, member_weights
-from .manifest import Manifest, ManifestError, load_manifest, resolve_manifest_path
+from .manifest import Manifest, ManifestError, demo_entries, load_manifest, resolve_manifest_path
 from .report import RunReport, StudyRecord, Timings, keypoints_dict
 from .specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
 
@@ -720,6 +720,10 @@ def predict(
     predictor = Predictor(manifest if isinstance(manifest, Manifest) else man_path, device=device, tta=tta,
                           batch_size=batch_size, finalize=finalize, clock=clock)
     man = predictor.manifest
+    if not is_demo and demo_entries(man):  # demo weights copied elsewhere are still demo weights
+        is_demo = True
+        logger.warning("%s\n%s\n%s", "!" * 88, DEMO_WARNING, "!" * 88)
+        report.warnings.append(DEMO_WARNING + f" (recognised by sha256: {', '.join(demo_entries(man))})")
     report.manifest = {"path": str(man_path) if man_path else None, "sha256": man.sha256, "demo": is_demo,
                        "notes": man.notes, "priors": "manifest" if man.priors_given else "default"}
     report.devices = [str(d) for d in predictor.devices]

@@ -62,5 +62,11 @@ def test_train_cli_fails_fast_on_a_bad_config(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path), "--config", str(tmp_path / "bad.json"), "--out", str(tmp_path / "o")]) == 2
     assert "epocs" in capsys.readouterr().out
     assert main(["train", "--data", str(tmp_path), "--config", str(CONFIGS / "roi_spinal.json"), "--out",
-                 str(tmp_path / "o"), "--fold", "7"]) == 2
-    assert "--fold 7" in capsys.readouterr().out
+                 str(tmp_path / "o"), "--fold", "seven"]) == 2
+    assert "--fold must be an integer" in capsys.readouterr().out
+
+
+def test_train_cli_refuses_a_fold_outside_the_split(phantom_train_root, tmp_path, capsys):
+    assert main(["train", "--data", str(phantom_train_root), "--config", str(CONFIGS / "roi_spinal.json"), "--out",
+                 str(tmp_path / "o"), "--cache", str(tmp_path / "cache"), "--fold", "7", "--set", "n_folds=3"]) == 2
+    assert "--fold 7 is not a fold of the split" in capsys.readouterr().out
