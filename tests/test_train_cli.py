@@ -106,3 +106,31 @@ def test_train_cli_refuses_a_fold_outside_the_split(phantom_train_root, tmp_path
     assert main(["train", "--data", str(phantom_train_root), "--config", str(CONFIGS / "roi_spinal.json"), "--out",
                  str(tmp_path / "o"), "--cache", str(tmp_path / "cache"), "--fold", "7", "--set", "n_folds=3"]) == 2
     assert "--fold 7 is not a fold of the split" in capsys.readouterr().out
+
+
+def test_oof_keypoints_run_on_the_training_device_by_default(monkeypatch, tmp_path):
+    """Like ``train``: CUDA when available (here faked), not CPU."""
+    import torch
+
+    from rsna_infer.train import distributed, oof_keypoints
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert distributed.default_device() == "cuda"
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def fake_load(entry, path, device="cpu", tta=False):
+        seen.append(device)
+        raise Stop
+
+    monkeypatch.setattr(oof_keypoints, "load_member", fake_load)
+    monkeypatch.setattr(oof_keypoints, "stage1_entries", lambda m, f: [(type("E", (), {"fold": 0})(), tmp_path)])
+    pd.DataFrame({"study_id": [1], "fold": [0]}).to_csv(tmp_path / "folds.csv", index=False)
+    data = type("D", (), {"study_ids": [1]})()
+    import pytest
+
+    with pytest.raises(Stop):
+        oof_keypoints.predict_oof_keypoints([], data, tmp_path / "folds.csv", progress=False)
+    assert seen == ["cuda"]

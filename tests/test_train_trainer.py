@@ -317,3 +317,26 @@ def test_two_process_ddp_on_cpu_every_fold_in_one_group(toy_families, tmp_path):
         # the two ranks' validation shards were gathered: every study of the fold is in the OOF file
         z = np.load(tmp_path / "ddp" / f"oof_f{k}.npz")
         assert z["study_ids"].tolist() == sorted(folds.loc[folds.fold == k, "study_id"])
+
+
+class _BudgetProbe(torch.utils.data.Dataset):
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return self.data.cache.memory_bytes
+
+
+def test_loader_workers_share_the_cache_budget(data):
+    """Persistent workers each keep a cache; together they stay within the one budget."""
+    from torch.utils.data import DataLoader
+
+    from rsna_infer.train.samples import ShareCacheBudget
+
+    full = data.cache.memory_bytes
+    loader = DataLoader(_BudgetProbe(data), batch_size=1, num_workers=2, worker_init_fn=ShareCacheBudget(2))
+    assert {int(b) for b in loader} == {full // 2}
+    assert data.cache.memory_bytes == full  # the main process keeps its own

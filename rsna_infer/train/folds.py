@@ -93,14 +93,15 @@ def load_folds(path: str | Path, study_ids: list[int] | None = None) -> pd.DataF
         raise FileNotFoundError(f"folds file {path} does not exist")
     df = pd.read_csv(path)
     if list(df.columns[:2]) != ["study_id", "fold"]:
-        raise ValueError(f"{path}: expected columns study_id,fold, got {list(df.columns)}")
+        raise SplitError(f"{path}: expected columns study_id,fold, got {list(df.columns)}")
     df = df[["study_id", "fold"]].astype({"study_id": np.int64, "fold": np.int64})
     if df["study_id"].duplicated().any():
-        raise ValueError(f"{path}: duplicate study ids")
+        raise SplitError(f"{path}: duplicate study ids")
     if study_ids is not None:
         missing = sorted(set(int(s) for s in study_ids) - set(df["study_id"].tolist()))
         if missing:
-            raise ValueError(f"{path} has no fold for {len(missing)} studies, e.g. {missing[:5]}")
+            raise SplitError(f"{path} has no fold for {len(missing)} studies, e.g. {missing[:5]} "
+                             "(write the split from this data: rsna-infer folds)")
     return df
 
 

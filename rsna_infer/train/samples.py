@@ -6,9 +6,10 @@ training augmentation), targets from ``family.targets`` (stage 1) or the study's
 samples; it never stops a run.
 
 Workers: data loaders keep their worker processes for the whole run (``persistent_workers``)
-so that each worker's in-memory study cache keeps hitting. The epoch reaches the workers with
-every index (`EpochIndices` yields ``(epoch, index)``), so augmentation still differs per
-epoch and stays reproducible whatever the number of workers.
+so that each worker's in-memory study cache keeps hitting; the loader's workers share the
+cache's memory budget (`ShareCacheBudget`), so more workers do not mean more memory. The
+epoch reaches the workers with every index (`EpochIndices` yields ``(epoch, index)``), so
+augmentation still differs per epoch and stays reproducible whatever the number of workers.
 """
 
 from __future__ import annotations
@@ -194,3 +195,17 @@ def progress_bar(loader: Any, total: int, desc: str, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
     return tqdm(loader, total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+class ShareCacheBudget:
+    """``worker_init_fn``: each of a loader's ``n`` workers keeps at most 1/n of the study
+    cache's in-memory budget (the workers' caches are separate copies)."""
+
+    def __init__(self, n_workers: int) -> None:
+        self.n = max(int(n_workers), 1)
+
+    def __call__(self, worker_id: int) -> None:
+        info = torch.utils.data.get_worker_info()
+        cache = getattr(getattr(info.dataset, "data", None), "cache", None) if info is not None else None
+        if cache is not None:
+            cache.memory_bytes = cache.memory_bytes // self.n

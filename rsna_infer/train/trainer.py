@@ -56,7 +56,7 @@ from .ema import ModelEMA
 from .folds import check_same_split, load_folds, make_folds, save_folds, split, split_id
 from .init_weights import init_backbones
 from .keypoint_store import keypoints_split, load_keypoints, save_keypoints
-from .samples import Batch, Collate, EpochIndices, EpochShuffle, StudyDataset, progress_bar
+from .samples import Batch, Collate, EpochIndices, EpochShuffle, ShareCacheBudget, StudyDataset, progress_bar
 from .validation import ValidationPlan, Validator, validation_plan
 
 logger = logging.getLogger(__name__)
@@ -307,8 +307,8 @@ class _FoldRun:
         self.sampler = EpochIndices(base)
         self.loader = DataLoader(
             self.train_ds, batch_size=cfg.batch_size, sampler=self.sampler, num_workers=cfg.num_workers,
-            persistent_workers=cfg.num_workers > 0, collate_fn=Collate(self.family, with_targets=True), drop_last=False,
-            pin_memory=dev.type == "cuda",
+            persistent_workers=cfg.num_workers > 0, worker_init_fn=ShareCacheBudget(cfg.num_workers),
+            collate_fn=Collate(self.family, with_targets=True), drop_last=False, pin_memory=dev.type == "cuda",
         )
         self.steps_per_epoch = len(self.loader) if self.max_steps is None else min(len(self.loader), self.max_steps)
         total = max(cfg.epochs * self.steps_per_epoch, 1)

@@ -26,7 +26,7 @@ from ..stage1.keypoints import KeypointSet, StudyKeypoints
 from .config import TrainConfig
 from .data import TrainingData
 from .evaluate import LogitAccumulator, keypoint_errors, score_logits, summarise_errors
-from .samples import Batch, Collate, StudyDataset, full_mask, progress_bar
+from .samples import Batch, Collate, ShareCacheBudget, StudyDataset, full_mask, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Validator:
         workers = cfg.num_workers if self.shard_ids else 0
         self.loader = DataLoader(ds, batch_size=cfg.val_batch_size or cfg.batch_size, shuffle=False,
                                  num_workers=workers, persistent_workers=workers > 0,
+                                 worker_init_fn=ShareCacheBudget(workers),
                                  collate_fn=Collate(family, with_targets=False))
 
     # -- one rank ---------------------------------------------------------------------------
