@@ -149,6 +149,10 @@ def main() -> None:
                    help="phantom image sizes (real studies: 256-1024 px)")
     p.add_argument("--work", default=None, help="folder for the phantom study (default: a temporary one)")
     p.add_argument("--json", type=Path, default=None, help="also write the rows here")
+    p.add_argument("--rows", type=Path, default=None,
+                   help="print the table of rows measured before (--json output), projected at the recipes' current "
+                        "batch sizes, without measuring again")
+    p.add_argument("--markdown", action="store_true", help="print the table as markdown (docs/train.md)")
     p.add_argument("--one", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--recipe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -165,27 +169,42 @@ def main() -> None:
     work = Path(args.work or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
     rows = []
-    print(f"full-size training step per study, fp32 on CPU ({args.threads} threads), phantom images "
-          f"{args.image_size[0]}-{args.image_size[1]} px; projection: 16 GB card, fp16 AMP, recipe batch")
-    head = f"{'recipe':32} {'params':>7} {'input (one study)':28} {'step s':>7} {'RSS+ GB':>8} {'act GB':>7} " \
-           f"{'batch':>5} {'proj GB':>8}"
-    print(head)
-    for name in names:
-        cmd = [sys.executable, __file__, "--one", "--recipe", str(paths[name]), "--steps", str(args.steps),
-               "--threads", str(args.threads), "--work", str(work), "--image-size", *map(str, args.image_size)]
-        done = subprocess.run(cmd, capture_output=True, text=True)
-        if done.returncode != 0:
-            print(f"{name:32} FAILED: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
-            continue
-        r = json.loads(done.stdout.strip().splitlines()[-1])
+    if args.rows is not None:
+        batch = {n: load_config(q, check_family=False).batch_size for n, q in paths.items()}
+        rows = [{**r, "batch_size": batch.get(r["recipe"], r["batch_size"])} for r in json.loads(args.rows.read_text())]
+        rows = [r for r in rows if r["recipe"] in names]
+    else:
+        print(f"full-size training step per study, fp32 on CPU ({args.threads} threads), phantom images "
+              f"{args.image_size[0]}-{args.image_size[1]} px; projection: 16 GB card, fp16 AMP, recipe batch")
+    if args.markdown:
+        print("| recipe | params | input of one study | step s / study (CPU) | RSS growth GB | activations GB / study | batch | projected GB |")
+        print("|---|---|---|---|---|---|---|---|")
+    else:
+        print(f"{'recipe':32} {'params':>7} {'input (one study)':28} {'step s':>7} {'RSS+ GB':>8} {'act GB':>7} "
+              f"{'batch':>5} {'proj GB':>8}")
+    for name in names if args.rows is None else [r["recipe"] for r in rows]:
+        if args.rows is None:
+            cmd = [sys.executable, __file__, "--one", "--recipe", str(paths[name]), "--steps", str(args.steps),
+                   "--threads", str(args.threads), "--work", str(work), "--image-size", *map(str, args.image_size)]
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            if done.returncode != 0:
+                print(f"{name:32} FAILED: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+                continue
+            r = json.loads(done.stdout.strip().splitlines()[-1])
+            rows.append(r)
+        else:
+            r = next(x for x in rows if x["recipe"] == name)
         r["projected_gb"] = project_gb(r)
-        rows.append(r)
         main_input = max(r["inputs"].items(), key=lambda kv: len(kv[1]))
         shape = "x".join(map(str, main_input[1]))
-        print(f"{name:32} {r['params'] / 1e6:6.1f}M {shape:28} {r['step_s']:7.2f} {r['rss_growth_mb'] / 1024:8.2f} "
-              f"{r['activations_mb'] / 1024:7.2f} {r['batch_size']:5d} {r['projected_gb']:8.1f}"
-              + ("" if r["projected_gb"] <= CARD_GB else "  > 16 GB"))
-    if args.json:
+        cells = (name, f"{r['params'] / 1e6:.1f}M", shape, f"{r['step_s']:.1f}", f"{r['rss_growth_mb'] / 1024:.2f}",
+                 f"{r['activations_mb'] / 1024:.2f}", str(r["batch_size"]), f"{r['projected_gb']:.1f}")
+        if args.markdown:
+            print("| " + " | ".join(f"`{c}`" if i == 0 else c for i, c in enumerate(cells)) + " |")
+        else:
+            print(f"{cells[0]:32} {cells[1]:>7} {cells[2]:28} {cells[3]:>7} {cells[4]:>8} {cells[5]:>7} {cells[6]:>5} "
+                  f"{cells[7]:>8}" + ("" if r["projected_gb"] <= CARD_GB else "  > 16 GB"))
+    if args.json and args.rows is None:
         args.json.write_text(json.dumps(rows, indent=1) + "\n")
     if tmp is not None:
         tmp.cleanup()
