@@ -131,7 +131,8 @@ def test_demo_weights_are_reported_as_demo_wherever_they_are(tmp_path: Path, pha
     shutil.copytree(REPO / "rsna_infer" / "demo", copy, ignore=shutil.ignore_patterns("__pycache__"))
     (copy / "weights_manifest.json").rename(copy / "final.json")
     assert demo_entries(load_manifest(copy / "final.json"))
-    done = subprocess.run(["bash", str(SCRIPT), "--no-download", str(copy), str(tmp_path / "out")], capture_output=True, text=True)
+    done = subprocess.run(["bash", str(SCRIPT), "--no-download", "--manifest", "final.json", str(copy), str(tmp_path / "out")],
+                          capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "DEMO weights" in done.stderr and "meaningless on real MRI" in done.stderr
     import rsna_infer
