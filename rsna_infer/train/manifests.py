@@ -88,6 +88,12 @@ def merge_manifests(
         priors_given=priors is not None,
         split=split,
     )
+    if copy_weights:
+        kept = {Path(m.file).name for m in models}
+        stale = sorted(p.name for p in (root / "weights").glob("*.safetensors") if p.name not in kept)
+        if stale:  # not deleted (the folder may be someone's run folder); build_wheel.sh would ship them
+            logger.warning("%s holds %d weight file(s) the merged manifest does not use (a previous merge?); delete them "
+                           "before building the bundle: %s", root / "weights", len(stale), ", ".join(stale[:5]))
     demo = demo_entries(merged)
     if demo:
         logger.warning("merged manifest %s holds %d DEMO model(s) (packaged phantom-trained weights, recognised by sha256): %s",
