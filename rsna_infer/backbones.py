@@ -3,15 +3,45 @@
 Weights only ever come from our own safetensors files (see `rsna_infer.manifest`), so no
 code path here can reach the network. Backbones are built headless (``num_classes=0``) and
 expose ``num_features``; families put their own heads on top.
+
+Each backbone carries a `BackboneInfo` (attribute ``BACKBONE_ATTR``) saying how it was built,
+so that training can find every backbone inside a family's network (`find_backbones`) and
+start it from pretrained weights (`rsna_infer.train.init_weights`) without the families
+knowing about it. Inference never does.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import nn
+
+#: Attribute of a backbone module holding its `BackboneInfo`.
+BACKBONE_ATTR = "rsna_backbone"
+
+
+@dataclass(frozen=True)
+class BackboneInfo:
+    """How a backbone was built: timm/timm_3d name, 2-D or 3-D, input channels, kwargs."""
+
+    arch: str
+    dims: int
+    in_chans: int
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def find_backbones(model: nn.Module) -> list[tuple[str, nn.Module, BackboneInfo]]:
+    """``(module path, module, info)`` of every backbone built by `create_backbone` inside
+    ``model`` (outermost first; a backbone inside a backbone is not listed twice)."""
+    found: list[tuple[str, nn.Module, BackboneInfo]] = []
+    for name, module in model.named_modules():
+        info = getattr(module, BACKBONE_ATTR, None)
+        if isinstance(info, BackboneInfo) and not any(name.startswith(f"{p}.") for p, _, _ in found if p):
+            found.append((name, module, info))
+    return found
 
 
 def check_arch_name(arch: str) -> None:
@@ -86,4 +116,5 @@ def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: An
     pooled = getattr(model, "head_hidden_size", None)
     if pooled:
         model.num_features = int(pooled)
+    setattr(model, BACKBONE_ATTR, BackboneInfo(arch, dims, int(in_chans), dict(kwargs)))
     return model

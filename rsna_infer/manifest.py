@@ -7,6 +7,8 @@ A manifest is one JSON file::
       "version": 1,
       "notes": "what these weights are",
       "priors": [[[0.75, 0.17, 0.08], ...5 levels], ...5 conditions],   # optional
+      "split": "3f2a...",   # optional: id of the fold split the models were trained on
+      "prior_groups": ["foraminal"],   # optional: groups the fitted blend gives the class priors
       "models": [ {ModelEntry}, ... ]
     }
 
@@ -45,7 +47,7 @@ MANIFEST_VERSION = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"version", "notes", "priors", "models"}
+_TOP_FIELDS = {"version", "notes", "priors", "split", "prior_groups", "models"}
 
 
 class ManifestError(ValueError):
@@ -74,9 +76,17 @@ class Manifest:
     path: Path | None = None  # the file it was loaded from
     sha256: str = ""  # of the file's bytes, for the run report
     priors_given: bool = False  # False: `priors` are the documented default
+    split: str = ""  # fold split id of the training runs (rsna_infer.train.folds.split_id); "" = unrecorded
+    #: Condition groups whose out-of-fold blend fit chose the class priors over every member
+    #: (`rsna_infer.train.blend`): their stage-2 weights are all zero on purpose.
+    prior_groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.priors = _check_priors(self.priors, "priors")
+        bad = [g for g in self.prior_groups if g not in GROUPS]
+        if bad:
+            raise ManifestError(f"{self._where()}'prior_groups' {bad} are not condition groups; use some of {list(GROUPS)}")
+        self.prior_groups = tuple(g for g in GROUPS if g in self.prior_groups)
         self.root = Path(self.root)
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -102,19 +112,29 @@ class Manifest:
         self.check_blend_groups()
 
     def check_blend_groups(self) -> None:
-        """Every condition group needs a positive weight somewhere among the stage-2 members;
-        a group whose weights sum to zero would silently give priors in every row."""
+        """Every condition group needs a positive weight somewhere among the stage-2 members,
+        unless it is one of ``prior_groups``: a group whose weights sum to zero by accident
+        would silently give priors in every row. A group listed in ``prior_groups`` must have
+        no positive weight (the two would contradict each other)."""
         from .ensemble import member_weights
 
         if not self.stage2:
             return
         sums = member_weights(self.stage2).sum(0)
-        dead = [g for g, s in zip(GROUPS, sums) if not s > 0]
+        dead = [g for g, s in zip(GROUPS, sums) if not s > 0 and g not in self.prior_groups]
         if dead:
             raise ManifestError(
                 f"{self._where()}the blend weights of condition group(s) {dead} sum to zero over the stage-2 members "
                 f"{[m.name for m in self.stage2]}: every such row would be the priors. Give a member a positive "
-                "'blend' weight there (or drop 'blend' from an entry to weigh it 1 in every group)"
+                "'blend' weight there (or drop 'blend' from an entry to weigh it 1 in every group), or, if the "
+                "priors are meant (as `rsna-infer fit-blend` decides when no member beats them), list the group "
+                "in 'prior_groups'"
+            )
+        both = [g for g, s in zip(GROUPS, sums) if s > 0 and g in self.prior_groups]
+        if both:
+            raise ManifestError(
+                f"{self._where()}condition group(s) {both} are listed in 'prior_groups' but stage-2 members have a "
+                "positive blend weight there; set those weights to 0 or remove the group from 'prior_groups'"
             )
 
     def _where(self) -> str:
@@ -189,6 +209,10 @@ class Manifest:
         out: dict[str, Any] = {"version": self.version, "notes": self.notes}
         if self.priors_given:
             out["priors"] = np.round(self.priors, 6).tolist()
+        if self.split:
+            out["split"] = self.split
+        if self.prior_groups:
+            out["prior_groups"] = list(self.prior_groups)
         out["models"] = models
         return out
 
@@ -241,9 +265,15 @@ def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | No
         priors = _check_priors(data["priors"], "priors") if "priors" in data else default_priors()
     except ManifestError as e:
         raise ManifestError(f"{where}{e}") from None
+    split = data.get("split", "")
+    if not isinstance(split, str):
+        raise ManifestError(f"{where}'split' must be a string (a fold split id)")
+    prior_groups = data.get("prior_groups", [])
+    if not isinstance(prior_groups, list) or not all(isinstance(g, str) for g in prior_groups):
+        raise ManifestError(f"{where}'prior_groups' must be a list of condition group names, some of {list(GROUPS)}")
     return Manifest(
         models=models, priors=priors, notes=notes, version=version, root=Path(root).resolve(), path=path,
-        priors_given="priors" in data,
+        priors_given="priors" in data, split=split, prior_groups=tuple(prior_groups),
     )
 
 
@@ -361,6 +391,23 @@ def packaged_demo_manifest() -> Path:
     return Path(__file__).resolve().parent / "demo" / "weights_manifest.json"
 
 
+def demo_weight_hashes() -> set[str]:
+    """sha256 of every packaged demo weight file (empty when the demo is not installed)."""
+    path = packaged_demo_manifest()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    return {str(m.get("sha256")) for m in data.get("models", []) if isinstance(m, dict) and m.get("sha256")}
+
+
+def demo_entries(manifest: Manifest) -> list[str]:
+    """Names of ``manifest``'s entries whose weights are the packaged demo weights (by
+    sha256, wherever the files were copied or renamed)."""
+    demo = demo_weight_hashes()
+    return [m.name for m in manifest.models if m.sha256 and m.sha256 in demo]
+
+
 def resolve_manifest_path(manifest: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """``(path, is_demo)``: the argument, else ``$RSNA_INFER_MANIFEST``, else the packaged demo.
 
@@ -460,7 +507,7 @@ def add_model(
     file = os.path.relpath(dest, manifest_path.parent)
     entry = replace(entry, file=Path(file).as_posix(), sha256=digest)
     models = [m for m in man.models if m.name != entry.name] + [entry]
-    new = Manifest(models=models, priors=man.priors, notes=man.notes, root=manifest_path.parent, path=manifest_path, priors_given=man.priors_given)
+    new = replace(man, models=models, root=manifest_path.parent, path=manifest_path)
     save_manifest(new, manifest_path)
     return entry
 

@@ -36,11 +36,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .constants import N_CLASSES, N_CONDITIONS, N_LEVELS
+from .constants import CONDITION_GROUP_INDEX, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
 from .deadline import DeadlineGuard, Plan, build_ladder
 from .devices import DeviceError, is_device_fault, is_out_of_memory, resolve_devices
 from .ensemble import blend_coverage, blend_logits, member_weights
-from .manifest import Manifest, ManifestError, load_manifest, resolve_manifest_path
+from .manifest import Manifest, ManifestError, demo_entries, load_manifest, resolve_manifest_path
 from .output import OutputError
 from .report import RunReport, StudyRecord, Timings, keypoints_dict
 from .specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
@@ -194,6 +194,13 @@ class Predictor:
         self.finalize = finalize
         if not self.manifest.stage2:
             logger.warning("the manifest has no stage-2 models: every row will be the class priors")
+        #: [5 conditions] bool: conditions of the manifest's ``prior_groups`` (see `_blend`)
+        self._prior_conditions = np.array([GROUPS[g] in self.manifest.prior_groups for g in CONDITION_GROUP_INDEX])
+        if self.manifest.prior_groups:
+            note = (f"condition group(s) {list(self.manifest.prior_groups)} get the class priors: the manifest's blend fit "
+                    "found no stage-2 member that beats them out of fold")
+            logger.info("%s", note)
+            self.notes.append(note)
         # One replica of the ensemble per device; built and checked before any DICOM is read.
         self.replicas: list[dict[str, LoadedMember]] = []
         self.load_s: dict[str, float] = {}
@@ -471,6 +478,8 @@ class Predictor:
         weights = member_weights([self.entries[n] for n in names])
         p = blend_logits(logits, masks, weights, self.manifest.priors)
         cov = blend_coverage(logits, masks, weights)
+        if self._prior_conditions.any():  # the fitted blend chose the priors there: covered, on purpose
+            cov[:, self._prior_conditions] = True
         for j, sid in enumerate(sids):
             if np.all(np.isfinite(p[j])):
                 out.probs[sid] = p[j]
@@ -947,9 +956,11 @@ def _manifest_for_prediction(manifest: "str | os.PathLike | Manifest | None", re
     else:
         man_path, is_demo = resolve_manifest_path(manifest)
         man = load_manifest(man_path, verify=True)
-    if is_demo:
+    copied = [] if is_demo else demo_entries(man)  # demo weights copied elsewhere are still demo weights
+    if is_demo or copied:
+        is_demo = True
         logger.warning("%s\n%s\n%s", "!" * 88, DEMO_WARNING, "!" * 88)
-        report.warnings.append(DEMO_WARNING)
+        report.warnings.append(DEMO_WARNING + (f" (recognised by sha256: {', '.join(copied)})" if copied else ""))
     man.check_for_prediction()
     return man, man_path, is_demo
 

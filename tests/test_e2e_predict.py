@@ -163,3 +163,28 @@ def test_each_dicom_file_is_decoded_exactly_once(tiny_manifest, tmp_path, monkey
     assert set(by_path.values()) == {1}, {p: n for p, n in by_path.items() if n != 1}
     assert header_only == []
     assert parses[0] == len(files)
+
+
+def test_a_group_the_blend_fit_gave_to_the_priors_is_not_a_fallback(phantom_test_root, tiny_manifest, baseline, tmp_path):
+    """`fit-blend` may find that no member beats the class priors for a group: the manifest
+    then lists it in ``prior_groups`` with zero weights; those rows are the priors on purpose,
+    the other groups are unchanged and no study counts as a fallback."""
+    from dataclasses import replace
+
+    from rsna_infer.constants import CONDITION_GROUP_INDEX, GROUPS
+    from rsna_infer.manifest import load_manifest, save_manifest
+
+    man = load_manifest(tiny_manifest)
+    models = [replace(m, blend={**{g: 1.0 for g in GROUPS}, **m.blend, "foraminal": 0.0}) if m.stage == 2 else m
+              for m in man.models]
+    path = save_manifest(replace(man, models=models, prior_groups=("foraminal",)), tiny_manifest.parent / "priors_foraminal.json")
+    df, rep = _run(phantom_test_root, path, tmp_path)
+    _check_valid(df, phantom_test_root)
+    assert any("get the class priors" in w for w in rep["warnings"])
+    assert rep["summary"]["prior_targets"] == 0 and rep["summary"]["ok"] == rep["n_studies"]
+    base_df = baseline[0]
+    v, b = df[list(CLASSES)].to_numpy().reshape(-1, 5, 5, 3), base_df[list(CLASSES)].to_numpy().reshape(-1, 5, 5, 3)
+    foraminal = np.array([GROUPS[g] == "foraminal" for g in CONDITION_GROUP_INDEX])
+    np.testing.assert_allclose(v[:, foraminal], np.broadcast_to(man.priors[foraminal], v[:, foraminal].shape), atol=1e-6)
+    assert not np.allclose(b[:, foraminal], v[:, foraminal])
+    np.testing.assert_allclose(v[:, ~foraminal], b[:, ~foraminal], atol=1e-6)

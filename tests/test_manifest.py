@@ -258,7 +258,8 @@ def test_importing_the_manifest_module_does_not_import_torch():
 
 
 def test_top_level_manifest_is_a_valid_competition_template():
-    """weights_manifest.json lists the full ensemble (real archs, no weights shipped)."""
+    """weights_manifest.json lists the full ensemble (real archs, every fold, no weights shipped);
+    tests/test_train_recipes.py checks that it is exactly what configs/ generate."""
     from pathlib import Path
 
     import timm
@@ -269,14 +270,15 @@ def test_top_level_manifest_is_a_valid_competition_template():
 
     path = Path(__file__).resolve().parents[1] / "weights_manifest.json"
     man = load_manifest(path, check_files=False)
-    assert "TEMPLATE" in man.notes and len(man.stage1) == 7 and len(man.stage2) >= 20
+    assert "TEMPLATE" in man.notes and len(man.stage1) == 7 * 5 and len(man.stage2) >= 10 * 5
     assert {m.family for m in man.models} == {"sag2d", "sag3d", "axial3d", "axial_level", "axial_xy", "fusion", "roi"}
+    assert {m.arch for m in man.stage2} >= {"pvt_v2_b1", "pvt_v2_b2", "convnext_tiny", "convnext_small", "densenet161"}
     for m in man.models:
         make_family(m)  # variant, kwargs and input spec accepted by the real family
         assert (timm_3d if m.family in ("sag3d", "axial3d") else timm).is_model(m.arch), m.arch
         assert m.file == f"weights/{m.name}.safetensors"
     assert (member_weights(man.stage2).sum(0) > 0).all()  # every condition group has members
-    with pytest.raises(ManifestError, match=r"weights file not found: .*weights/sag2d_t2"):
+    with pytest.raises(ManifestError, match=r"weights file not found: .*weights/sag2d_t\d_convnext_tiny_f0"):
         load_manifest(path)
 
 
@@ -321,6 +323,19 @@ def test_a_condition_group_without_any_blend_weight_is_refused(tmp_path):
         zero.check_blend_groups()
     manifest_from_dict({"models": [_entry(blend={})]}, root=tmp_path).check_blend_groups()  # no blend: 1 everywhere
     manifest_from_dict({"models": []}, root=tmp_path).check_blend_groups()  # no stage 2: the predictor warns instead
+
+
+def test_prior_groups_allow_a_group_fitted_to_the_priors_and_nothing_else(tmp_path):
+    models = [_entry(blend={"spinal": 1.0, "foraminal": 0.0, "subarticular": 1.0})]
+    man = manifest_from_dict({"prior_groups": ["foraminal"], "models": models}, root=tmp_path)
+    man.check_blend_groups()  # foraminal's zero weights are meant
+    assert man.prior_groups == ("foraminal",) and man.to_dict()["prior_groups"] == ["foraminal"]
+    with pytest.raises(ManifestError, match=r"\['foraminal'\] are listed in 'prior_groups' but stage-2 members have a positive"):
+        manifest_from_dict({"prior_groups": ["foraminal"], "models": [_entry(blend={})]}, root=tmp_path).check_blend_groups()
+    with pytest.raises(ManifestError, match="'prior_groups' \\['spine'\\] are not condition groups"):
+        manifest_from_dict({"prior_groups": ["spine"], "models": models}, root=tmp_path)
+    with pytest.raises(ManifestError, match="'prior_groups' must be a list"):
+        manifest_from_dict({"prior_groups": "foraminal", "models": models}, root=tmp_path)
 
 
 def test_verify_fails_a_manifest_that_cannot_predict(tmp_path, monkeypatch, capsys):
