@@ -82,6 +82,7 @@ class LoadedStudy:
 
 def load_and_prepare(ref: "StudyRef", preparers: Sequence[tuple[str, "Family"]], decode_workers: int | None = None) -> LoadedStudy:
     """Decode ``ref`` and run each ``(group_key, family).prepare(study)``; never raises."""
+    from .imaging import shared_resizes
     from .io import load_study
 
     out = LoadedStudy(study_id=int(ref.study_id), study=None)
@@ -101,12 +102,13 @@ def load_and_prepare(ref: "StudyRef", preparers: Sequence[tuple[str, "Family"]],
         out.errors.append(f"load: none of the study's {n_files} DICOM file(s) gave a usable image stack (see warnings)")
     t1 = time.perf_counter()
     out.load_s = t1 - t0
-    for key, family in preparers:
-        try:
-            out.samples[key] = list(family.prepare(study, None))
-        except Exception as e:
-            logger.error("study %s: prepare %s failed: %s: %s", ref.study_id, key, type(e).__name__, e, exc_info=e)
-            out.errors.append(f"prepare {key}: {type(e).__name__}: {e}")
+    with shared_resizes():  # families that resize a stack alike share one resize
+        for key, family in preparers:
+            try:
+                out.samples[key] = list(family.prepare(study, None))
+            except Exception as e:
+                logger.error("study %s: prepare %s failed: %s: %s", ref.study_id, key, type(e).__name__, e, exc_info=e)
+                out.errors.append(f"prepare {key}: {type(e).__name__}: {e}")
     out.prepare_s = time.perf_counter() - t1
     out.peak_rss_mb = peak_rss_mb()
     return out
