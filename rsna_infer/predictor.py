@@ -30,6 +30,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -40,10 +41,11 @@ from .constants import CONDITION_GROUP_INDEX, GROUPS, N_CLASSES, N_CONDITIONS, N
 from .deadline import DeadlineGuard, Plan, build_ladder
 from .devices import DeviceError, is_device_fault, is_out_of_memory, resolve_devices
 from .ensemble import blend_coverage, blend_logits, member_weights
+from .groups import PrepGroup, default_num_workers, preparation_groups
 from .manifest import Manifest, ManifestError, demo_entries, load_manifest, resolve_manifest_path
 from .output import OutputError
 from .report import RunReport, StudyRecord, Timings, keypoints_dict
-from .specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
+from .specs import ModelEntry
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -67,34 +69,14 @@ DEMO_WARNING = (
 DEFAULT_CHUNK_SIZE = 16
 
 
-def default_num_workers() -> int:
-    """One preprocessing worker per spare core, at most 4 (Kaggle has 4 CPUs)."""
+def _family_or_manifest_error(entry: ModelEntry) -> "Family":
+    """``entry``'s family object; a bad variant or bad kwargs is a `ManifestError` (as at load)."""
+    from .registry import make_family
+
     try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(0, min(4, n - 1))
-
-
-@dataclass
-class _Group:
-    """Members that share one preprocessing: stage-1 folds of a family/variant (outputs
-    averaged before decode) or stage-2 members with the same family/variant/input/kwargs."""
-
-    key: str
-    stage: int
-    members: list[str]
-    in_worker: bool  # prepared in the loading workers (needs no keypoints)
-
-
-def _needs_keypoints(family: "Family") -> bool:
-    """Whether ``prepare`` uses keypoints (then it runs after stage 1 in the main process).
-
-    Families may say so with a ``needs_keypoints`` attribute; otherwise stage 2 does and
-    stage 1 does not, except a stage-1 family that refines an earlier family's set (same
-    ``set_key``, e.g. ``axial_xy`` on ``axial_level``; see `Predictor._assign_preparation`).
-    """
-    return bool(getattr(family, "needs_keypoints", family.stage == 2))
+        return make_family(entry)
+    except Exception as e:
+        raise ManifestError(f"model {entry.name!r}: cannot set up family {entry.family!r}: {e}") from e
 
 
 def _default_finalize() -> Callable[["Study", "StudyKeypoints"], "StudyKeypoints"]:
@@ -187,7 +169,7 @@ class Predictor:
         if on_cuda:
             torch.backends.cudnn.benchmark = True
         self.entries: dict[str, ModelEntry] = {m.name: m for m in self.manifest.models}
-        self.groups1, self.groups2 = self._group(self.manifest.models)
+        self.groups1, self.groups2 = preparation_groups(self.manifest.models, _family_or_manifest_error)
         self._check_inputs()
         if self.manifest.stage1 and finalize is None:
             finalize = _default_finalize()
@@ -211,7 +193,6 @@ class Predictor:
                 replica[entry.name] = load_member(entry, self.manifest.resolve(entry), device=dev, tta=self.tta)
                 self.load_s[entry.name] = self.load_s.get(entry.name, 0.0) + time.perf_counter() - t
             self.replicas.append(replica)
-        self._assign_preparation()
         self.timings.add("setup/models", time.perf_counter() - t0)
         logger.info(
             "predictor ready: %d model(s) (%d stage-1, %d stage-2) on %s in %.1fs",
@@ -220,24 +201,6 @@ class Predictor:
         )
 
     # -- structure --------------------------------------------------------------------------
-    @staticmethod
-    def _group(entries: Sequence[ModelEntry]) -> tuple[list[_Group], list[_Group]]:
-        g1: dict[str, _Group] = {}
-        g2: dict[tuple[str, str], _Group] = {}
-        rank = {f: i for i, f in enumerate(STAGE1_FAMILIES + STAGE2_FAMILIES)}
-        for e in sorted(entries, key=lambda e: (rank[e.family], e.variant)):
-            if e.stage == 1:
-                key = f"{e.family}/{e.variant}"
-                g1.setdefault(key, _Group(key, 1, [], False)).members.append(e.name)
-                continue
-            base = f"{e.family}/{e.variant}"
-            sig = json.dumps([e.input.to_dict(), e.model_kwargs], sort_keys=True, default=str)
-            if (base, sig) not in g2:
-                n = sum(b == base for b, _ in g2)
-                g2[(base, sig)] = _Group(f"{base}#{n}", 2, [], False)
-            g2[(base, sig)].members.append(e.name)
-        return list(g1.values()), list(g2.values())
-
     def _check_inputs(self) -> None:
         """Stage-1 folds are averaged on raw outputs, so they must share one input."""
         for g in self.groups1:
@@ -250,19 +213,7 @@ class Predictor:
                         "folds of one stage-1 family/variant are averaged on their raw outputs and must share one input"
                     )
 
-    def _assign_preparation(self) -> None:
-        """Which groups the loading workers prepare (those that need no keypoints)."""
-        written: set[str] = set()
-        for g in self.groups1:
-            family = self.family(g)
-            key = getattr(family, "set_key", g.key)
-            # a group that writes a set an earlier group made refines it: it needs those keypoints
-            g.in_worker = not (_needs_keypoints(family) or key in written)
-            written.add(key)
-        for g in self.groups2:
-            g.in_worker = not _needs_keypoints(self.family(g))
-
-    def family(self, group: _Group, replica: int = 0) -> "Family":
+    def family(self, group: PrepGroup, replica: int = 0) -> "Family":
         """The family object that prepares, collates and decodes for ``group``."""
         return self.replicas[replica][group.members[0]].family
 
@@ -348,7 +299,11 @@ class Predictor:
     def run_chunk(
         self, loaded: Sequence["LoadedStudy"], plan: Plan, replica: int = 0, observer: RunObserver | None = None
     ) -> ChunkOutput:
-        """Stage 1, finalize, stage 2 and the blend for one chunk of decoded studies."""
+        """Stage 1, finalize, stage 2 and the blend for one chunk of decoded studies.
+
+        The stage-2 crops are cut on a CPU thread (``prepare-N``) while the device runs: the
+        thread prepares the groups in run order, and the device runs a group's members as
+        soon as its crops are ready, so it waits only for the first group's crops."""
         out = ChunkOutput(capture=None if observer is None else observer.new_chunk())
         studies: dict[int, Study] = {}
         t_chunk = time.perf_counter()
@@ -364,7 +319,11 @@ class Predictor:
             out.records[sid].keypoints = keypoints_dict(kp)
             out.records[sid].cross_view = _jsonable(kp.report)
         if studies:
-            names, logits, masks = self._stage2(studies, by_id, kps, plan, replica, out)
+            prep = ThreadPoolExecutor(1, thread_name_prefix=f"prepare-{replica}")
+            try:
+                names, logits, masks = self._stage2(studies, by_id, kps, plan, replica, out, prep)
+            finally:
+                prep.shutdown(wait=True, cancel_futures=True)
             self._blend(sorted(studies), names, logits, masks, out)
         if out.capture is not None:
             out.capture.close(studies, kps, out)
@@ -387,13 +346,18 @@ class Predictor:
             if not active:
                 continue
             family = members[g.members[0]].family
-            items = self._samples(g, family, studies, by_id, kps, out)
+            if g.in_worker:
+                items = [(sid, s) for sid in studies for s in by_id[sid].samples.get(g.key, [])]
+            else:  # it reads keypoints of an earlier group: prepared now, on this thread
+                items = self._take_prepared(g, family, self._prepare(g, family, studies, kps), out)
+            if out.capture is not None and g.in_worker:
+                out.capture.add(g, family, items)
             if not items:
                 continue
+            runs = self._run_group([members[n] for n in active], [s for _, s in items], plan.tta, out, [sid for sid, _ in items])
             sums: list[np.ndarray | None] = [None] * len(items)
             counts = np.zeros(len(items), np.int64)
-            for name in active:
-                outs = self._run_member(members[name], [s for _, s in items], plan.tta, out, [sid for sid, _ in items])
+            for outs in runs:  # folds averaged on run's output, before decode
                 for i, o in enumerate(outs):
                     if o is not None:
                         sums[i] = o.astype(np.float64) if sums[i] is None else sums[i] + o
@@ -438,26 +402,37 @@ class Predictor:
         plan: Plan,
         replica: int,
         out: ChunkOutput,
+        prep: ThreadPoolExecutor,
     ) -> tuple[list[str], np.ndarray, np.ndarray]:
         """Per active stage-2 member: logits [S, 5, 5, 3] and masks [S, 5, 5] over the
         chunk's studies (sorted ids); a study's samples are averaged per target under their
-        masks."""
+        masks. Crops come from ``prep`` (a CPU thread), group by group, while the device runs."""
         members = self.replicas[replica]
         names = [m.name for m in self.manifest.stage2 if m.name in plan.members]
         col = {sid: j for j, sid in enumerate(sorted(studies))}
         logits = np.zeros((len(names), len(col), N_CONDITIONS, N_LEVELS, N_CLASSES))
         masks = np.zeros((len(names), len(col), N_CONDITIONS, N_LEVELS), dtype=bool)
         row = {n: i for i, n in enumerate(names)}
+        todo = []
         for g in self.groups2:
             active = [n for n in g.members if n in row]
-            if not active:
-                continue
-            family = members[g.members[0]].family
-            items = self._samples(g, family, studies, by_id, kps, out)
+            if active:
+                family = members[g.members[0]].family
+                if g.in_worker:
+                    ready: Future = Future()
+                    ready.set_result(([(sid, s) for sid in studies for s in by_id[sid].samples.get(g.key, [])], [], 0.0))
+                    todo.append((g, family, active, ready))
+                else:  # the thread prepares the groups in order while the device runs the earlier ones
+                    todo.append((g, family, active, prep.submit(self._prepare, g, family, studies, kps)))
+        for g, family, active, fut in todo:
+            t = time.perf_counter()
+            prepared = fut.result()
+            out.timings.add("stage2/wait_for_crops", time.perf_counter() - t)
+            items = self._take_prepared(g, family, prepared, out)
             if not items:
                 continue
-            for name in active:
-                outs = self._run_member(members[name], [s for _, s in items], plan.tta, out, [sid for sid, _ in items])
+            runs = self._run_group([members[n] for n in active], [s for _, s in items], plan.tta, out, [sid for sid, _ in items])
+            for name, outs in zip(active, runs):
                 acc = np.zeros(logits.shape[1:])
                 cnt = np.zeros(masks.shape[1:])
                 for (sid, sample), o in zip(items, outs):
@@ -488,101 +463,119 @@ class Predictor:
                 out.records[sid].fallbacks.append("blend produced non-finite values; prior rows")
         out.timings.add("blend", time.perf_counter() - t)
 
-    def _samples(
-        self,
-        g: _Group,
-        family: "Family",
-        studies: dict[int, "Study"],
-        by_id: dict[int, "LoadedStudy"],
-        kps: dict[int, "StudyKeypoints"],
-        out: ChunkOutput,
-    ) -> list[tuple[int, "Sample"]]:
-        """``(study_id, sample)`` of every study for group ``g`` (worker-made or made now)."""
+    @staticmethod
+    def _prepare(
+        g: PrepGroup, family: "Family", studies: dict[int, "Study"], kps: dict[int, "StudyKeypoints"]
+    ) -> tuple[list[tuple[int, "Sample"]], list[tuple[int, BaseException]], float]:
+        """``(study_id, sample)`` of every study for a group that reads keypoints, the
+        per-study failures and the seconds it took. Touches nothing shared (it runs on the
+        preparation thread); `_take_prepared` records the outcome."""
         items: list[tuple[int, Sample]] = []
+        failures: list[tuple[int, BaseException]] = []
         t = time.perf_counter()
         for sid, study in studies.items():
-            if g.in_worker:
-                items += [(sid, s) for s in by_id[sid].samples.get(g.key, [])]
-                continue
             try:
                 items += [(sid, s) for s in family.prepare(study, kps[sid])]
             except Exception as e:
-                self._failed(f"prepare {g.key}", sid, e)
-                out.records[sid].error(f"prepare {g.key}", e)
+                failures.append((sid, e))
+        return items, failures, time.perf_counter() - t
+
+    def _take_prepared(
+        self, g: PrepGroup, family: "Family", prepared: tuple[list, list, float], out: ChunkOutput
+    ) -> list[tuple[int, "Sample"]]:
+        """Record what `_prepare` made (timing, per-study failures, the observer's capture)."""
+        items, failures, seconds = prepared
+        for sid, e in failures:
+            self._failed(f"prepare {g.key}", sid, e)
+            out.records[sid].error(f"prepare {g.key}", e)
         if not g.in_worker:
-            out.timings.add(f"stage{g.stage}/{g.key}/prepare", time.perf_counter() - t)
-        if out.capture is not None:
+            out.timings.add(f"stage{g.stage}/{g.key}/prepare", seconds)
+        if out.capture is not None and (g.stage == 2 or not g.in_worker):
             out.capture.add(g, family, items)
         return items
 
-    def _run_member(
-        self, member: "LoadedMember", samples: list["Sample"], tta: bool, out: ChunkOutput, sids: list[int]
-    ) -> list[np.ndarray | None]:
-        """Outputs of one member for every sample (None where it failed), in batches of
-        equal-shaped samples. A failing batch is retried in halves, so one bad study costs
-        only its own output; CUDA out-of-memory is handled the same way, after the cache is
-        emptied. A device fault (`rsna_infer.devices.is_device_fault`) is not the studies'
-        doing: it propagates, and the chunk is re-run on another replica."""
-        results: list[np.ndarray | None] = [None] * len(samples)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, s in enumerate(samples):
-            sig = tuple(sorted((k, v.shape, str(v.dtype)) for k, v in s.inputs.items()))
-            by_shape.setdefault(sig, []).append(i)
-        c0 = self.clock()
-        t0 = time.perf_counter()
+    def _run_group(
+        self, members: Sequence["LoadedMember"], samples: list["Sample"], tta: bool, out: ChunkOutput, sids: list[int]
+    ) -> list[list[np.ndarray | None]]:
+        """Outputs of each member for every sample (None where it failed).
 
-        def go(idx: list[int]) -> None:
-            split: bool | None = None  # set when the batch failed: True for out-of-memory
+        Samples are batched by shape (a family's ``length_axis`` by bucket, see
+        `length_bucket`), at most ``batch_size`` per batch; each batch is collated and copied
+        to the device once and run through every member of the group. A failing batch is
+        retried in halves for the member that failed it, so one bad study costs only its own
+        output; CUDA out-of-memory is handled the same way, after the cache is emptied. A
+        device fault (`rsna_infer.devices.is_device_fault`) is not the studies' doing: it
+        propagates, and the chunk is re-run on another replica."""
+        results: list[list[np.ndarray | None]] = [[None] * len(samples) for _ in members]
+        family = members[0].family
+        for idx in batches_by_shape(family, samples, self.batch_size):
+            self._run_batch(members, list(range(len(members))), samples, idx, tta, out, sids, results)
+        return results
+
+    def _run_batch(self, members: Sequence["LoadedMember"], which: list[int], samples: list["Sample"], idx: list[int],
+                   tta: bool, out: ChunkOutput, sids: list[int], results: list[list[np.ndarray | None]]) -> None:
+        """Run ``members[which]`` on the samples ``idx`` (one collate and device copy for all)."""
+        lead = members[which[0]]
+        t = time.perf_counter()
+        failed: dict[int, bool] = {}  # member position -> out of memory (split in halves)
+        batch = None
+        try:
+            batch = _to_device(lead, [samples[i] for i in idx], _pad_length(lead.family, samples, idx))
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            failed = {w: False for w in which}
+            self._note_failure(members, which, idx, sids, e, out)
+        out.timings.add(f"stage{lead.entry.stage}/collate", time.perf_counter() - t)
+        for w in which if batch is not None else []:
+            m = members[w]
+            c0, t0 = self.clock(), time.perf_counter()
             try:
-                arr = self._forward(member, [samples[i] for i in idx], tta)
+                arr = _run_on_device(m, batch, tta)
                 if arr.shape[0] != len(idx):
-                    raise RuntimeError(f"{member.name}: run returned {arr.shape[0]} outputs for {len(idx)} samples")
+                    raise RuntimeError(f"{m.name}: run returned {arr.shape[0]} outputs for {len(idx)} samples")
             except Exception as e:
                 if is_device_fault(e):
                     raise
-                if len(idx) == 1:
-                    sid = sids[idx[0]]
-                    self._failed(f"run {member.name}", sid, e)
-                    out.records[sid].error(f"run {member.name}", e)
-                    return
-                split = is_out_of_memory(e)
-            if split is not None:
-                # Split outside the except block: inside it the live traceback still holds the
-                # failed attempt's frames (its batch, its activations), which no empty_cache frees.
-                if split:
-                    out.oom_retries += 1
-                    logger.warning("%s: out of memory on a batch of %d on %s; cache emptied, retrying in halves",
-                                   member.name, len(idx), member.device)
-                _release_cuda_cache(member, collect=split)
-                half = len(idx) // 2
-                go(idx[:half])
-                go(idx[half:])
-                return
+                failed[w] = is_out_of_memory(e)
+                self._note_failure(members, [w], idx, sids, e, out)
+                arr = None
+            finally:
+                out.member_s[m.name] = out.member_s.get(m.name, 0.0) + (self.clock() - c0)
+                out.timings.add(f"stage{m.entry.stage}/{m.name}/run", time.perf_counter() - t0)
+            if arr is None:
+                continue
+            length = _length_of(m.family)
             for j, i in enumerate(idx):
-                if np.all(np.isfinite(arr[j])):
-                    results[i] = arr[j]
+                o = arr[j] if length is None else arr[j][: samples[i].inputs[length[0]].shape[length[1]]]
+                if np.all(np.isfinite(o)):
+                    results[w][i] = o
                 else:
-                    out.records[sids[i]].warn(f"model {member.name}: non-finite output dropped")
+                    out.records[sids[i]].warn(f"model {m.name}: non-finite output dropped")
+        del batch
+        if failed and len(idx) > 1:
+            # Split outside the except blocks: a live traceback still holds the failed attempt's
+            # frames (its batch, its activations), which no empty_cache frees.
+            oom = [w for w, o in failed.items() if o]
+            for w in oom:
+                out.oom_retries += 1
+                logger.warning("%s: out of memory on a batch of %d on %s; cache emptied, retrying in halves",
+                               members[w].name, len(idx), members[w].device)
+            _release_cuda_cache(lead, collect=bool(oom))
+            half = len(idx) // 2
+            again = sorted(failed)
+            self._run_batch(members, again, samples, idx[:half], tta, out, sids, results)
+            self._run_batch(members, again, samples, idx[half:], tta, out, sids, results)
 
-        for idx in by_shape.values():
-            for k in range(0, len(idx), self.batch_size):
-                go(idx[k : k + self.batch_size])
-        out.member_s[member.name] = out.member_s.get(member.name, 0.0) + (self.clock() - c0)
-        out.timings.add(f"stage{member.entry.stage}/{member.name}/run", time.perf_counter() - t0)
-        return results
-
-    @staticmethod
-    def _forward(member: "LoadedMember", samples: list["Sample"], tta: bool) -> np.ndarray:
-        import torch
-
-        from .members import autocast_for
-
-        batch = member.family.collate(samples)
-        non_blocking = member.device.type == "cuda"
-        batch = {k: v.to(member.device, non_blocking=non_blocking) for k, v in batch.items()}
-        with torch.inference_mode(), autocast_for(member.device):
-            y = member.family.run(member.model, batch, tta=tta)
-        return y.float().cpu().numpy()
+    def _note_failure(self, members: Sequence["LoadedMember"], which: list[int], idx: list[int], sids: list[int],
+                      exc: BaseException, out: ChunkOutput) -> None:
+        """A batch of one that failed costs its study that member's output (larger ones are split)."""
+        if len(idx) != 1:
+            return
+        sid = sids[idx[0]]
+        for w in which:
+            self._failed(f"run {members[w].name}", sid, exc)
+            out.records[sid].error(f"run {members[w].name}", exc)
 
     def models_info(self) -> list[dict[str, Any]]:
         """One line per member for the run report."""
@@ -760,6 +753,67 @@ class _FailureLog:
         self.seen.add(kind)
         logger.error("study %s: %s failed: %s: %s%s", study_id, kind, type(exc).__name__, exc,
                      "" if first else " (traceback logged at the first occurrence)", exc_info=exc if first else None)
+
+
+def length_bucket(n: int) -> int:
+    """The length a stack of ``n`` is padded to along a family's ``length_axis``: the next of
+    8, 12, 16, 24, 32, 48, 64, 96, ... (each at most 1.5x the one before), so stacks of
+    different lengths share batches and the model sees a few shapes, not one per length."""
+    b = 8
+    while b < n:
+        b = b * 3 // 2 if b & (b - 1) == 0 else b * 4 // 3
+    return b
+
+
+def _length_of(family: "Family") -> tuple[str, int] | None:
+    """A family's ``length_axis``: (input key, axis of the sample) whose length may differ
+    between the samples of one batch (see `rsna_infer.family.Family.length_axis`)."""
+    return getattr(family, "length_axis", None)
+
+
+def _pad_length(family: "Family", samples: list["Sample"], idx: list[int]) -> int | None:
+    length = _length_of(family)
+    if length is None:
+        return None
+    return length_bucket(max(samples[i].inputs[length[0]].shape[length[1]] for i in idx))
+
+
+def batches_by_shape(family: "Family", samples: Sequence["Sample"], batch_size: int) -> list[list[int]]:
+    """Indices of ``samples`` in batches of at most ``batch_size`` that can be collated
+    together: equal shapes and dtypes, a ``length_axis`` compared by `length_bucket` (the
+    family pads it and masks the padding). Batches follow the samples' order, so they are
+    the same whatever the timing of the run."""
+    length = _length_of(family)
+    groups: dict[tuple, list[int]] = {}
+    for i, s in enumerate(samples):
+        sig = []
+        for k, v in sorted(s.inputs.items()):
+            shape = list(v.shape)
+            if length is not None and k == length[0]:
+                shape[length[1]] = length_bucket(shape[length[1]])
+            sig.append((k, tuple(shape), str(v.dtype)))
+        groups.setdefault(tuple(sig), []).append(i)
+    return [idx[k : k + batch_size] for idx in groups.values() for k in range(0, len(idx), batch_size)]
+
+
+def _to_device(member: "LoadedMember", samples: list["Sample"], pad_to: int | None) -> dict[str, "torch.Tensor"]:
+    """Collate ``samples`` and copy the batch to the member's device (through pinned host
+    memory on CUDA, so the copy is asynchronous)."""
+    family = member.family
+    batch = family.collate(samples) if pad_to is None else family.collate(samples, pad_to=pad_to)  # type: ignore[call-arg]
+    if member.device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(member.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _run_on_device(member: "LoadedMember", batch: dict[str, "torch.Tensor"], tta: bool) -> np.ndarray:
+    import torch
+
+    from .members import autocast_for
+
+    with torch.inference_mode(), autocast_for(member.device):
+        y = member.family.run(member.model, batch, tta=tta)
+    return y.float().cpu().numpy()
 
 
 def _release_cuda_cache(member: "LoadedMember", collect: bool = False) -> None:

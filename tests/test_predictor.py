@@ -352,3 +352,19 @@ def test_spawned_workers_give_the_same_result(fam, root, tmp_path):
     for sid in a.probs:
         np.testing.assert_array_equal(a.probs[sid], b.probs[sid])
     assert b.faults["worker_processes"]["started"] == 2 and b.faults["workers"] == []
+
+
+def test_a_fold_group_collates_and_copies_each_batch_once(fam, root, tmp_path, monkeypatch):
+    """The two t2 folds share their batches: collate runs once per batch, not once per fold,
+    and the fold outputs are still each fold's own (averaged before decode, see above)."""
+    calls = []
+    real = fakes.FakeSag.collate
+
+    def collate(self, samples):
+        calls.append((self.entry.variant, len(samples)))
+        return real(self, samples)
+
+    monkeypatch.setattr(fakes.FakeSag, "collate", collate)
+    _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=7)
+    t2 = [n for v, n in calls if v == "t2"]
+    assert t2 == [6], calls  # one batch of the 6 studies with a Sagittal T2 (13 has none), for both folds
