@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from .cost import EnsembleCost, cost_manifest, cost_signature, preparation_key
+from .cost import EnsembleCost, cost_manifest, cost_signature
 from .gpus import GPU_KINDS, Calibration, GpuKind, MemberTiming, gpu_kind, kind_of_device_name
 from .projection import DEFAULT_BUDGET_HOURS, KAGGLE_LIMIT_HOURS, Estimate, MemberRow, loader_workers, project
 from .typical import StudyGeometry, keypoints_in, typical_study, typical_world_points
@@ -48,7 +48,6 @@ __all__ = [
     "keypoints_in",
     "kind_of_device_name",
     "loader_workers",
-    "preparation_key",
     "project",
     "run_cli",
     "typical_study",

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..groups import preparation_groups
 from ..registry import make_family
 from ..specs import ModelEntry
 from .flops import CallFlops, count_run
@@ -37,21 +38,6 @@ def cost_signature(entry: ModelEntry) -> str:
     blob = json.dumps([entry.family, entry.variant, entry.arch, entry.arch_kwargs, entry.input.to_dict(), entry.model_kwargs],
                       sort_keys=True, default=str)
     return f"{entry.family}/{entry.variant}/{entry.arch}#{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-
-def preparation_key(entry: ModelEntry) -> str:
-    """The predictor's preparation group of ``entry`` (see `rsna_infer.predictor.Predictor`):
-    stage-1 folds of a family/variant share one input, stage-2 members share a preparation
-    when family, variant, input and model kwargs agree."""
-    if entry.stage == 1:
-        return f"{entry.family}/{entry.variant}"
-    blob = json.dumps([entry.input.to_dict(), entry.model_kwargs], sort_keys=True, default=str)
-    return f"{entry.family}/{entry.variant}#{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-
-def needs_keypoints(family: "Family") -> bool:
-    """Whether ``prepare`` reads keypoints, i.e. runs in the main process after stage 1."""
-    return bool(getattr(family, "needs_keypoints", family.stage == 2))
 
 
 @dataclass
@@ -185,18 +171,15 @@ def cost_manifest(
         study = typical_study(g, n_axial, study_id=i + 1, seed=seed + i)
         studies.append((study, weight, keypoints_in(study, world, set_keys)))
 
-    # -- preparation groups: samples and CPU time ---------------------------------------
+    # -- preparation groups (the predictor's own, `rsna_infer.groups`): samples and CPU time
     preps: dict[str, PrepCost] = {}
     samples: dict[str, list[tuple[list[Sample], float]]] = {}
     member_prep: dict[str, str] = {}
-    for e in entries:
-        key = preparation_key(e)
-        member_prep[e.name] = key
-        if key in preps:
-            preps[key].members.append(e.name)
-            continue
-        fam = families[e.name]
-        in_worker = not needs_keypoints(fam)
+    groups1, groups2 = preparation_groups(entries, families)
+    for grp in groups1 + groups2:
+        key, in_worker = grp.key, grp.in_worker
+        member_prep.update({n: key for n in grp.members})
+        fam = families[grp.members[0]]
         st = StageTime()
         got: list[tuple[list[Sample], float]] = []
         with one_torch_thread():
@@ -212,7 +195,7 @@ def cost_manifest(
                 st.add(weight * one.wall_s, weight * one.cpu_s, 1)
                 got.append((out, weight))
         samples[key] = got
-        preps[key] = PrepCost(key, e.stage, in_worker, [e.name], st, sum(w * len(s) for s, w in got))
+        preps[key] = PrepCost(key, grp.stage, in_worker, list(grp.members), st, sum(w * len(s) for s, w in got))
 
     # -- FLOPs per cost signature -----------------------------------------------------------
     signatures: dict[str, SignatureCost] = {}

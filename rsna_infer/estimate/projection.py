@@ -1,13 +1,17 @@
 """From per-study costs to hours: device time per GPU kind, host time on N CPUs, the verdict
 against the Kaggle limit and the shedding advice (the deadline guard's own ladder).
 
-Model of today's run loop (`rsna_infer.predictor`): loading workers (``min(4, cpus - 1)``,
-the predictor's default) decode each study and run the keypoint-free stage-1 preparation;
-each device thread runs the models of its chunks and, between them, the preparation that
-needs keypoints (stage-2 crops, axial xy) in the main process. Per study the run is bound by
-the slowest of three paths:
+Model of the run loop (`rsna_infer.predictor`): loading workers (``min(4, cpus - 1)``, the
+predictor's default, `rsna_infer.groups.default_num_workers`) decode each study and run the
+keypoint-free stage-1 preparation; each device thread runs the models of its chunks. The
+preparation that needs keypoints runs in the main process: a stage-1 group that refines
+keypoints (axial xy) between the forwards of its device thread, the stage-2 crops on a CPU
+thread beside it, group by group while the device runs the earlier groups, so the device
+waits only for the first group's crops (or for all of them, when cutting crops takes longer
+than the stage-2 forwards). Per study the run is bound by the slowest of three paths:
 
-- device path: ``(device seconds + main-process preparation) / gpus``;
+- device path: ``(stage-1 device seconds + stage-1 main-process preparation
+  + max(stage-2 device seconds + first stage-2 group's crops, all stage-2 crops)) / gpus``;
 - loading path: ``(decode + worker preparation) / workers``;
 - CPU path: all host CPU seconds ``/ cpus``.
 
@@ -22,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ..deadline import Plan, build_ladder, default_reserve_s
+from ..groups import default_num_workers
 from .cost import EnsembleCost
 from .gpus import Calibration, GpuKind
 
@@ -37,8 +42,8 @@ WEIGHTS_READ_MB_PER_S = 200.0
 
 def loader_workers(cpus: int) -> int:
     """The predictor's default number of loading processes on a machine with ``cpus`` CPUs
-    (`rsna_infer.predictor.default_num_workers`), at least one for the projection."""
-    return max(1, min(4, int(cpus) - 1))
+    (`rsna_infer.groups.default_num_workers`), at least one for the projection."""
+    return max(1, default_num_workers(cpus))
 
 
 @dataclass
@@ -68,7 +73,7 @@ class PathTimes:
     """Seconds per study on each path, and which one bounds the run."""
 
     device_s: float  # model forwards on one card
-    main_prepare_s: float  # keypoint-dependent preparation in the main process
+    main_prepare_s: float  # keypoint-dependent preparation in the main process (all of it, CPU seconds)
     loader_s: float  # decode + worker preparation, CPU seconds on one core
     decode_s: float
     device_path_s: float
@@ -170,11 +175,18 @@ def _paths(cost: EnsembleCost, gpu: GpuKind, gpus: int, cpus: int, plan: Plan,
             sig = cost.member_signature[e.name]
             tflops, _ = _throughput(gpu, sig, calibration)
             device[e.name] = cost.signatures[sig].flops_per_study(plan.tta) / (tflops * 1e12)
-    main = sum(p.cpu_s_per_study for p in cost.preps.values() if not p.in_worker and plan.members.intersection(p.members))
+    main = [p for p in cost.preps.values() if not p.in_worker and plan.members.intersection(p.members)]
+    main1 = sum(p.cpu_s_per_study for p in main if p.stage == 1)  # between the device's forwards
+    crops = [p.cpu_s_per_study for p in main if p.stage == 2]  # on the crop thread, in run order
     decode = cost.decode_cpu_s_per_study or 0.0
     loader = decode + sum(p.cpu_s_per_study for p in cost.preps.values() if p.in_worker)  # workers prepare every group
-    dev = sum(device.values())
-    paths = PathTimes(dev, main, loader, decode, (dev + main) / gpus, loader / loader_workers(cpus), (loader + main) / cpus)
+    stage = {e.name: e.stage for e in cost.entries}
+    dev1 = sum(s for n, s in device.items() if stage[n] == 1)
+    dev2 = sum(device.values()) - dev1
+    critical = dev1 + main1 + max(dev2 + (crops[0] if crops else 0.0), sum(crops))
+    main_all = main1 + sum(crops)
+    paths = PathTimes(dev1 + dev2, main_all, loader, decode, critical / gpus, loader / loader_workers(cpus),
+                      (loader + main_all) / cpus)
     return paths, device
 
 
