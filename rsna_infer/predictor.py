@@ -236,6 +236,7 @@ class Predictor:
         study_timeout_s: float | None = None,
         start_method: str | None = None,
         observer: RunObserver | None = None,
+        read_ahead: int | None = None,
     ) -> RunResult:
         """Predict every study of ``refs`` (from `rsna_infer.io.discover_studies`).
 
@@ -244,12 +245,16 @@ class Predictor:
         `rsna_infer.streaming.study_timeout_for` the budget); a device may take that long per
         study of a chunk before it counts as hung. ``start_method``: the workers' (default
         fork where it exists, else spawn). ``observer``: see `RunObserver` (None: nothing is
-        captured).
+        captured). ``read_ahead``: studies the loading workers decode beyond the chunks taken
+        (default `rsna_infer.streaming.default_read_ahead`: the chunk a device runs plus this
+        many decoded studies bound the memory; more hides more loading behind the device).
         """
         from .devices import ReplicaSet
-        from .streaming import StudyStream, study_timeout_for
+        from .streaming import StudyStream, default_read_ahead, limit_heap_fragmentation, study_timeout_for
 
+        limit_heap_fragmentation()
         num_workers = default_num_workers() if num_workers is None else int(num_workers)
+        read_ahead = default_read_ahead(num_workers) if read_ahead is None else max(1, int(read_ahead))
         chunk_size = max(1, int(chunk_size))
         guard = None
         if time_budget_s is not None:
@@ -259,7 +264,7 @@ class Predictor:
         run_chunk = self.run_chunk if observer is None else functools.partial(self.run_chunk, observer=observer)
         replicas = ReplicaSet(run_chunk, state.device_names, study_timeout_s=timeout)
         try:
-            with StudyStream(refs, self.preparers(), num_workers, prefetch=chunk_size + num_workers,
+            with StudyStream(refs, self.preparers(), num_workers, prefetch=read_ahead,
                              start_method=start_method, study_timeout_s=timeout) as stream:
                 try:
                     self._feed(stream, replicas, state, chunk_size)
@@ -286,9 +291,11 @@ class Predictor:
                 loaded = stream.take(admitted, deadline=state.wait_deadline) if admitted else []
                 state.timings.add("wait_for_data", time.perf_counter() - t)
                 state.took(loaded)
+                got = len(loaded)
                 if loaded:
                     replicas.submit(loaded, plan)
-                if len(loaded) < n:
+                del loaded  # else the next take() would read a chunk while this one is still held here
+                if got < n:
                     state.rest_get_priors(stream, out_of_time=admitted < n or stream.out_of_time)
             if not replicas.busy:
                 if state.to_take:  # no device is left to take them (all retired or given up)
@@ -867,6 +874,7 @@ def predict(
     qa_dir: str | os.PathLike | None = None,
     qa_worst: int = 10,
     qa_labels: str | os.PathLike | None = None,
+    read_ahead: int | None = None,
 ) -> "pd.DataFrame":
     """Write ``out_csv`` (25 rows per study of ``test_dir``'s series CSV) and
     ``run_report.json`` beside it; return the submission frame.
@@ -883,6 +891,8 @@ def predict(
     ``qa_dir``: write QA pages there (`rsna_infer.viz`, needs Pillow): the ``qa_worst`` most
     problematic studies get a page with what the models saw, plus an index page of the run;
     ``qa_labels``: a ``train_label_coordinates.csv`` whose points are drawn as ground truth.
+    ``read_ahead``: studies decoded ahead of the running chunks (default: workers + 2; more
+    hides more loading behind the device, at ~60 MB of memory per realistic study).
 
     Order, so that every configuration or path mistake fails before a model runs, with an
     error that says what to fix (`ManifestError`, `rsna_infer.output.OutputError`,
@@ -905,6 +915,7 @@ def predict(
             time_budget_s=time_budget_s, chunk_size=chunk_size, batch_size=batch_size, split=split,
             report_path=report_path, progress=progress, clock=clock, finalize=finalize, start=start,
             study_timeout_s=study_timeout_s, select=study_ids, qa_dir=qa_dir, qa_worst=qa_worst, qa_labels=qa_labels,
+            read_ahead=read_ahead,
         )
 
 
@@ -913,10 +924,10 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
              batch_size: int | None, split: str, report_path: str | os.PathLike | None, progress: bool,
              clock: Callable[[], float], finalize: Any, start: float, study_timeout_s: float | None,
              select: Sequence[int] | None, qa_dir: str | os.PathLike | None, qa_worst: int,
-             qa_labels: str | os.PathLike | None) -> "pd.DataFrame":
+             qa_labels: str | os.PathLike | None, read_ahead: int | None) -> "pd.DataFrame":
     from .io import NoStudiesError, describe_no_studies, discover_studies
     from .output import probe_writable
-    from .streaming import study_timeout_for
+    from .streaming import default_read_ahead, study_timeout_for
     from .submission import assemble_submission
 
     t0 = time.perf_counter()
@@ -947,12 +958,15 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
     report.devices = [str(d) for d in predictor.devices]
     report.warnings += predictor.notes
     report.models = predictor.models_info()
-    report.settings = {"tta": tta, "num_workers": default_num_workers() if num_workers is None else num_workers,
+    workers = default_num_workers() if num_workers is None else num_workers
+    report.settings = {"tta": tta, "num_workers": workers,
+                       "read_ahead": default_read_ahead(workers) if read_ahead is None else read_ahead,
                        "chunk_size": chunk_size, "batch_size": predictor.batch_size, "time_budget_s": time_budget_s,
                        "study_timeout_s": study_timeout_s or study_timeout_for(time_budget_s), "split": split,
                        "precision": "fp16 autocast" if predictor.devices[0].type == "cuda" else "fp32"}
     result = predictor.run(refs, num_workers=num_workers, chunk_size=chunk_size, time_budget_s=time_budget_s,
-                           start=start, progress=progress, study_timeout_s=study_timeout_s, observer=collector)
+                           start=start, progress=progress, study_timeout_s=study_timeout_s, observer=collector,
+                           read_ahead=read_ahead)
     t = time.perf_counter()
     assembled = assemble_submission(result.probs, result.study_ids, masks=result.coverage, priors=man.priors)
     for sid in result.study_ids:
@@ -1062,6 +1076,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa-dir", type=Path, default=None, help="write QA pages (what the models saw) of the worst studies here (needs Pillow)")
     parser.add_argument("--qa-worst", type=int, default=10, metavar="N", help="studies that get a QA page (default 10; see docs/viz.md for the ranking)")
     parser.add_argument("--qa-labels", type=Path, default=None, metavar="CSV", help="train_label_coordinates.csv: draw the ground-truth points on the QA pages")
+    parser.add_argument("--read-ahead", type=int, default=None, metavar="N",
+                        help="studies decoded ahead of the running chunks (default: workers + 2; more overlaps more "
+                             "loading with the device, at ~60 MB per study)")
     parser.add_argument("--study-timeout", type=float, default=None, metavar="SECONDS",
                         help="kill a loading worker still busy with one study after this long; the study gets priors "
                              "(default 600, or a tenth of --time-budget)")
@@ -1078,7 +1095,7 @@ def run_cli(args: argparse.Namespace) -> int:
             args.test_dir, out_csv=args.out, manifest=args.manifest, device=args.device, tta=not args.no_tta,
             num_workers=args.workers, time_budget_s=args.time_budget, chunk_size=args.chunk_size,
             batch_size=args.batch_size, split=args.split, study_timeout_s=args.study_timeout,
-            qa_dir=args.qa_dir, qa_worst=args.qa_worst, qa_labels=args.qa_labels,
+            qa_dir=args.qa_dir, qa_worst=args.qa_worst, qa_labels=args.qa_labels, read_ahead=args.read_ahead,
         )
     except (ManifestError, DeviceError, OutputError, FileNotFoundError, ValueError, OSError, VizUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

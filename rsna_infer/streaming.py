@@ -21,8 +21,8 @@ the one place that decides):
   worker, which never runs in the main process (it could take the whole run down with it).
 
 Every wait is bounded: by the watchdog, and by the caller's deadline in `StudyStream.take`.
-At most ``prefetch`` studies are in flight, so memory is bounded by the chunk size, not by
-the size of the test set. Results come back in input order, so the chunks, and therefore
+At most ``prefetch`` studies are in flight, so memory is bounded by the chunk size and the
+read-ahead (`default_read_ahead`), not by the size of the test set. Results come back in input order, so the chunks, and therefore
 every batch, are the same whatever the number of workers.
 """
 
@@ -126,8 +126,34 @@ def peak_rss_mb() -> float:
         return 0.0
 
 
+def default_read_ahead(num_workers: int) -> int:
+    """Studies decoded ahead of the chunks taken: two more than the workers, so every worker
+    has the next study to read. Peak memory is then the chunk a device runs plus these, the
+    same from 20 studies to 2,000; the rest of the next chunk is read when it is taken (about
+    ``(chunk - read ahead) x load time / workers``, a few percent of a GPU chunk)."""
+    return max(1, int(num_workers) + 2)
+
+
+def limit_heap_fragmentation() -> None:
+    """Serve large arrays (decoded stacks, 1 MB and up) from their own mappings, returned to
+    the system when freed. glibc raises its mmap threshold after the first large free and
+    then serves later stacks from the heap, which fragments: peak memory crept up with the
+    number of studies read (+11 % from 20 to 60 studies in-process, +6 % with this). A no-op
+    where the C library is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted upward
+    except (OSError, AttributeError):  # pragma: no cover - an unusual libc
+        pass
+
+
 def _worker_init(torch_threads: int) -> None:
     """Worker processes: one torch thread each (the pool supplies the parallelism)."""
+    limit_heap_fragmentation()
     try:
         import torch
 
