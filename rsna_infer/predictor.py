@@ -43,6 +43,7 @@ from .devices import DeviceError, is_device_fault, is_out_of_memory, resolve_dev
 from .ensemble import blend_coverage, blend_logits, member_weights
 from .groups import PrepGroup, default_num_workers, preparation_groups
 from .manifest import Manifest, ManifestError, demo_entries, load_manifest, resolve_manifest_path
+from .memory import MemoryProbe
 from .output import OutputError
 from .report import RunReport, StudyRecord, Timings, keypoints_dict
 from .specs import ModelEntry
@@ -52,10 +53,12 @@ if TYPE_CHECKING:
     import torch
 
     from .devices import ChunkOutcome, ReplicaSet
+    from .estimate.typical import StudyGeometry
     from .family import Family, Sample
     from .io.discovery import StudyRef
     from .io.volume import Study
     from .members import LoadedMember
+    from .memory import MemoryPlan
     from .stage1.keypoints import KeypointSet, StudyKeypoints
     from .streaming import LoadedStudy, StudyStream
 
@@ -95,6 +98,8 @@ class ChunkOutput:
     timings: Timings = field(default_factory=Timings)
     member_s: dict[str, float] = field(default_factory=dict)
     oom_retries: int = 0  # batches split after CUDA out-of-memory
+    load_s: dict[str, float] = field(default_factory=dict)  # streamed: seconds moving each member's weights in
+    memory: dict[str, int] = field(default_factory=dict)  # peak bytes of one forward per member, where measured
     #: What an observer (`RunObserver`, e.g. the QA pages of `rsna_infer.viz`) keeps of this
     #: chunk's samples and keypoints; None without an observer.
     capture: Any = None
@@ -126,6 +131,7 @@ class RunResult:
     warnings: list[str] = field(default_factory=list)
     peak_rss_mb: dict[str, float] = field(default_factory=dict)  # main process / loading process(es)
     faults: dict[str, Any] = field(default_factory=dict)  # what the machine did: workers, devices, OOM
+    memory: dict[str, Any] = field(default_factory=dict)  # device memory: mode, plan, what was measured
 
 
 class Predictor:
@@ -135,8 +141,12 @@ class Predictor:
     TTA in every family's ``run``. ``verify``: check sha256 of every weight file.
     ``finalize``: the stage-1 finalisation ``(study, keypoints) -> keypoints`` (default
     `rsna_infer.stage1.assemble.finalize`). ``clock``: time source of the deadline guard
-    (waits and watchdogs always use ``time.monotonic``). Raises `ManifestError` (models,
-    weights, paths) or `rsna_infer.devices.DeviceError` before any study is read.
+    (waits and watchdogs always use ``time.monotonic``). ``precision``, ``channels_last``:
+    how the weights are held (`rsna_infer.members`). ``members``: ``auto`` | ``resident`` |
+    ``streamed`` and ``device_memory_gb`` (a card's memory to plan with; on the CPU a
+    stand-in): the device memory plan (`rsna_infer.memory`, made on ``memory_geometry``, a
+    typical study by default). Raises `ManifestError` (models, weights, paths) or
+    `rsna_infer.devices.DeviceError` before any study is read.
     """
 
     def __init__(
@@ -148,10 +158,16 @@ class Predictor:
         verify: bool = True,
         finalize: Callable[["Study", "StudyKeypoints"], "StudyKeypoints"] | None = None,
         clock: Callable[[], float] = time.monotonic,
+        precision: str = "auto",
+        channels_last: bool = False,
+        members: str = "auto",
+        device_memory_gb: float | None = None,
+        memory_geometry: "StudyGeometry | None" = None,
     ) -> None:
         import torch
 
         from .members import load_member
+        from .memory import MODES, Residency
 
         self.timings = Timings()
         self._failed = _FailureLog()
@@ -168,6 +184,10 @@ class Predictor:
         self.batch_size = int(batch_size or (32 if on_cuda else 8))
         if on_cuda:
             torch.backends.cudnn.benchmark = True
+        if members not in MODES:
+            raise ValueError(f"members must be one of {MODES}, got {members!r}")
+        self.precision = precision
+        self.channels_last = bool(channels_last)
         self.entries: dict[str, ModelEntry] = {m.name: m for m in self.manifest.models}
         self.groups1, self.groups2 = preparation_groups(self.manifest.models, _family_or_manifest_error)
         self._check_inputs()
@@ -183,6 +203,16 @@ class Predictor:
                     "found no stage-2 member that beats them out of fold")
             logger.info("%s", note)
             self.notes.append(note)
+        # The device memory plan decides whether the members stay on the device or are streamed.
+        self.memory_plan = self._plan_memory(members, device_memory_gb, memory_geometry)
+        self.streamed = self.memory_plan is not None and self.memory_plan.mode == "streamed"
+        self._probe_cpu_memory = device_memory_gb is not None  # a budget stands in for a card: measure too
+        if self.memory_plan is not None:
+            log = logger.warning if not self.memory_plan.fits else logger.info
+            log("device memory: %s", self.memory_plan.reason)
+            for a in self.memory_plan.advice:
+                logger.warning("device memory: %s", a)
+                self.notes.append(f"device memory: {a}")
         # One replica of the ensemble per device; built and checked before any DICOM is read.
         self.replicas: list[dict[str, LoadedMember]] = []
         self.load_s: dict[str, float] = {}
@@ -190,15 +220,43 @@ class Predictor:
             replica = {}
             for entry in self.manifest.models:
                 t = time.perf_counter()
-                replica[entry.name] = load_member(entry, self.manifest.resolve(entry), device=dev, tta=self.tta)
+                replica[entry.name] = load_member(entry, self.manifest.resolve(entry), device=dev, tta=self.tta,
+                                                  precision=precision, channels_last=self.channels_last,
+                                                  resident=not self.streamed)
                 self.load_s[entry.name] = self.load_s.get(entry.name, 0.0) + time.perf_counter() - t
             self.replicas.append(replica)
+        self.notes += [n for m in self.replicas[0].values() for n in m.notes]
+        self.residency = [Residency(rep, self.streamed) for rep in self.replicas]
         self.timings.add("setup/models", time.perf_counter() - t0)
         logger.info(
             "predictor ready: %d model(s) (%d stage-1, %d stage-2) on %s in %.1fs",
             len(self.entries), len(self.manifest.stage1), len(self.manifest.stage2),
             ", ".join(map(str, self.devices)), time.perf_counter() - t0,
         )
+
+    def _plan_memory(self, mode: str, device_memory_gb: float | None, geometry: "StudyGeometry | None") -> "MemoryPlan | None":
+        """Each member's device memory on a typical study at this batch size, and the mode
+        (`rsna_infer.memory.plan_memory`). None on the CPU without ``device_memory_gb`` and
+        without ``members="streamed"``: nothing to plan for."""
+        from .estimate.cost import cost_manifest
+        from .members import _dtype_name, weight_dtype
+        from .memory import device_memory_bytes, member_memory, plan_memory
+
+        dev = self.devices[0]
+        budget = device_memory_bytes(dev, device_memory_gb)
+        if budget is None and mode != "streamed":
+            return None
+        t = time.perf_counter()
+        cost = cost_manifest(self.manifest, geometry, measure_cpu=False, memory_batch=self.batch_size, count_flops=False)
+        rows = {}
+        for e in self.manifest.models:
+            sc = cost.member(e.name)
+            dtype = _dtype_name(weight_dtype(e, dev, self.precision))
+            rows[e.name] = member_memory(e.name, cost.member_prep[e.name], sc.memory, sc.memory_batch, sc.memory_batch_bytes,
+                                         dtype, autocast=dev.type == "cuda")
+        plan = plan_memory(rows, [(g.key, list(g.members)) for g in self.groups1 + self.groups2], budget, mode)
+        self.timings.add("setup/memory_plan", time.perf_counter() - t)
+        return plan
 
     # -- structure --------------------------------------------------------------------------
     def _check_inputs(self) -> None:
@@ -258,7 +316,8 @@ class Predictor:
         chunk_size = max(1, int(chunk_size))
         guard = None
         if time_budget_s is not None:
-            guard = DeadlineGuard(float(time_budget_s), build_ladder(self.manifest.models, self.tta), clock=self.clock, start=start)
+            guard = DeadlineGuard(float(time_budget_s), build_ladder(self.manifest.models, self.tta), clock=self.clock, start=start,
+                                  chunk_studies=chunk_size)
         timeout = float(study_timeout_s) if study_timeout_s else study_timeout_for(time_budget_s)
         state = _RunState(refs, guard, self.full_plan(), self.clock, [str(d) for d in self.devices], progress)
         run_chunk = self.run_chunk if observer is None else functools.partial(self.run_chunk, observer=observer)
@@ -275,7 +334,7 @@ class Predictor:
         finally:
             replicas.close()
             state.close()
-        return state.result(replicas)
+        return state.result(replicas, self.memory_report(state.memory))
 
     def _feed(self, stream: "StudyStream", replicas: "ReplicaSet", state: "_RunState", chunk_size: int) -> None:
         """Read a chunk whenever a device is free, settle each chunk as it ends.
@@ -361,7 +420,8 @@ class Predictor:
                 out.capture.add(g, family, items)
             if not items:
                 continue
-            runs = self._run_group([members[n] for n in active], [s for _, s in items], plan.tta, out, [sid for sid, _ in items])
+            runs = self._run_group(replica, g.key, [members[n] for n in active], [s for _, s in items], plan.tta, out,
+                                   [sid for sid, _ in items])
             sums: list[np.ndarray | None] = [None] * len(items)
             counts = np.zeros(len(items), np.int64)
             for outs in runs:  # folds averaged on run's output, before decode
@@ -438,7 +498,8 @@ class Predictor:
             items = self._take_prepared(g, family, prepared, out)
             if not items:
                 continue
-            runs = self._run_group([members[n] for n in active], [s for _, s in items], plan.tta, out, [sid for sid, _ in items])
+            runs = self._run_group(replica, g.key, [members[n] for n in active], [s for _, s in items], plan.tta, out,
+                                   [sid for sid, _ in items])
             for name, outs in zip(active, runs):
                 acc = np.zeros(logits.shape[1:])
                 cnt = np.zeros(masks.shape[1:])
@@ -502,7 +563,8 @@ class Predictor:
         return items
 
     def _run_group(
-        self, members: Sequence["LoadedMember"], samples: list["Sample"], tta: bool, out: ChunkOutput, sids: list[int]
+        self, replica: int, group: str, members: Sequence["LoadedMember"], samples: list["Sample"], tta: bool,
+        out: ChunkOutput, sids: list[int],
     ) -> list[list[np.ndarray | None]]:
         """Outputs of each member for every sample (None where it failed).
 
@@ -512,11 +574,30 @@ class Predictor:
         retried in halves for the member that failed it, so one bad study costs only its own
         output; CUDA out-of-memory is handled the same way, after the cache is emptied. A
         device fault (`rsna_infer.devices.is_device_fault`) is not the studies' doing: it
-        propagates, and the chunk is re-run on another replica."""
+        propagates, and the chunk is re-run on another replica.
+
+        Streamed members (`rsna_infer.memory`) are loaded first: the whole group, or one
+        member at a time when the plan says the group does not fit at once; a member that
+        cannot be loaded costs these studies its output, nothing else."""
         results: list[list[np.ndarray | None]] = [[None] * len(samples) for _ in members]
-        family = members[0].family
-        for idx in batches_by_shape(family, samples, self.batch_size):
-            self._run_batch(members, list(range(len(members))), samples, idx, tta, out, sids, results)
+        batches = batches_by_shape(members[0].family, samples, self.batch_size)
+        every = list(range(len(members)))
+        unit = "group" if self.memory_plan is None else self.memory_plan.units.get(group, "group")
+        for which in [every] if not self.streamed or unit == "group" else [[w] for w in every]:
+            t = time.perf_counter()
+            held = self.residency[replica].hold([members[w].name for w in which])
+            for w in which:
+                got = held[members[w].name]
+                if isinstance(got, BaseException):
+                    for sid in dict.fromkeys(sids):
+                        self._failed(f"load {members[w].name}", sid, got)
+                        out.records[sid].error(f"run {members[w].name}: its weights could not be loaded", got)
+                elif got:
+                    out.load_s[members[w].name] = out.load_s.get(members[w].name, 0.0) + got
+            out.timings.add("streaming/load_weights", time.perf_counter() - t)
+            ok = [w for w in which if not isinstance(held[members[w].name], BaseException)]
+            for idx in batches if ok else []:
+                self._run_batch(members, ok, samples, idx, tta, out, sids, results)
         return results
 
     def _run_batch(self, members: Sequence["LoadedMember"], which: list[int], samples: list["Sample"], idx: list[int],
@@ -538,7 +619,11 @@ class Predictor:
             m = members[w]
             c0, t0 = self.clock(), time.perf_counter()
             try:
-                arr = _run_on_device(m, batch, tta)
+                with MemoryProbe(m.device, cpu=self._probe_cpu_memory) as probe:
+                    arr = _run_on_device(m, batch, tta)
+                if probe.bytes:
+                    used = probe.bytes + sum(v.numel() * v.element_size() for v in batch.values())
+                    out.memory[m.name] = max(out.memory.get(m.name, 0), used)
                 if arr.shape[0] != len(idx):
                     raise RuntimeError(f"{m.name}: run returned {arr.shape[0]} outputs for {len(idx)} samples")
             except Exception as e:
@@ -584,6 +669,40 @@ class Predictor:
             self._failed(f"run {members[w].name}", sid, exc)
             out.records[sid].error(f"run {members[w].name}", exc)
 
+    def memory_report(self, measured: dict[str, int] | None = None) -> dict[str, Any]:
+        """Device memory for the run report: the mode, the plan (per member: weights and
+        activations at the batch size), what was measured per member, and the peak."""
+        import torch
+
+        mb = 2**20
+        rep: dict[str, Any] = {"mode": "streamed" if self.streamed else "resident",
+                               "precision": self.precision_label(), "batch_size": self.batch_size}
+        if self.memory_plan is not None:
+            rep["plan"] = self.memory_plan.to_dict()
+        rep["weights_mb"] = {n: round(m.weight_bytes / mb, 1) for n, m in self.replicas[0].items()}
+        if measured:
+            rep["measured_activation_mb"] = {n: round(b / mb, 1) for n, b in sorted(measured.items())}
+        if self.streamed:
+            rep["loads"] = sum(r.loads for r in self.residency)
+            rep["load_s"] = round(sum(r.load_s for r in self.residency), 3)
+        peak_w = max(r.peak_weight_bytes for r in self.residency)
+        if self.devices[0].type == "cuda":
+            rep["measured_peak_mb"] = {str(d): round(torch.cuda.max_memory_allocated(d) / mb, 1) for d in self.devices}
+        elif measured:  # the CPU standing in for a card: the weights held at once plus the largest forward
+            rep["measured_peak_mb"] = {"cpu": round((peak_w + max(measured.values())) / mb, 1)}
+        rep["peak_weights_on_device_mb"] = round(peak_w / mb, 1)
+        return rep
+
+    def precision_label(self) -> str:
+        """How the members run, for the report: ``"fp16 weights, fp16 autocast"`` (the most
+        common), with the exceptions named."""
+        kinds: dict[str, list[str]] = {}
+        for n, m in self.replicas[0].items():
+            kinds.setdefault(m.precision, []).append(n)
+        main = max(kinds, key=lambda k: len(kinds[k]))
+        rest = [f"{k}: {', '.join(v)}" for k, v in kinds.items() if k != main]
+        return main + (f" ({'; '.join(rest)})" if rest else "")
+
     def models_info(self) -> list[dict[str, Any]]:
         """One line per member for the run report."""
         out = []
@@ -616,6 +735,7 @@ class _RunState:
         self.timings = Timings()
         self.warnings: list[str] = []
         self.faults: dict[str, Any] = {"oom_retries": 0}
+        self.memory: dict[str, int] = {}  # measured peak bytes of one forward, per member
         self.loader_rss = 0.0
         self.last: float | None = None  # clock at the last settled chunk: the guard's chunk wall time
         self.t0 = time.perf_counter()
@@ -690,9 +810,11 @@ class _RunState:
             self.records.update(out.records)
             self.timings.merge(out.timings)
             self.faults["oom_retries"] += out.oom_retries
+            for name, b in out.memory.items():
+                self.memory[name] = max(self.memory.get(name, 0), b)
             if self.guard is not None and self.last is not None:
                 self.guard.observe(len(out.records), now - self.last, out.member_s, chunk.plan.tta,
-                                   n_devices=len(self.device_names))
+                                   n_devices=len(self.device_names), load_s=out.load_s)
         else:
             one = len(self.device_names) == 1
             for ls in chunk.loaded:
@@ -724,7 +846,7 @@ class _RunState:
     def close(self) -> None:
         self.bar.close()
 
-    def result(self, replicas: "ReplicaSet") -> RunResult:
+    def result(self, replicas: "ReplicaSet", memory: dict[str, Any] | None = None) -> RunResult:
         from .streaming import peak_rss_mb
 
         self.warnings += replicas.warnings
@@ -735,7 +857,7 @@ class _RunState:
             study_ids=self.ids, probs=self.probs, coverage=self.coverage, records=self.records, timings=self.timings,
             deadline=None if self.guard is None else self.guard.to_dict(), wall_s=time.perf_counter() - self.t0,
             warnings=self.warnings, peak_rss_mb={"main": round(peak_rss_mb(), 1), "loader": round(self.loader_rss, 1)},
-            faults=self.faults,
+            faults=self.faults, memory=memory or {},
         )
 
 
@@ -816,9 +938,7 @@ def _to_device(member: "LoadedMember", samples: list["Sample"], pad_to: int | No
 def _run_on_device(member: "LoadedMember", batch: dict[str, "torch.Tensor"], tta: bool) -> np.ndarray:
     import torch
 
-    from .members import autocast_for
-
-    with torch.inference_mode(), autocast_for(member.device):
+    with torch.inference_mode(), member.autocast():
         y = member.family.run(member.model, batch, tta=tta)
     return y.float().cpu().numpy()
 
@@ -875,6 +995,10 @@ def predict(
     qa_worst: int = 10,
     qa_labels: str | os.PathLike | None = None,
     read_ahead: int | None = None,
+    precision: str = "auto",
+    channels_last: bool = False,
+    members: str = "auto",
+    device_memory_gb: float | None = None,
 ) -> "pd.DataFrame":
     """Write ``out_csv`` (25 rows per study of ``test_dir``'s series CSV) and
     ``run_report.json`` beside it; return the submission frame.
@@ -893,6 +1017,12 @@ def predict(
     ``qa_labels``: a ``train_label_coordinates.csv`` whose points are drawn as ground truth.
     ``read_ahead``: studies decoded ahead of the running chunks (default: workers + 2; more
     hides more loading behind the device, at ~60 MB of memory per realistic study).
+    ``precision``: ``"auto"`` (fp16 weights on a GPU, fp32 on the CPU), ``"fp32"`` or
+    ``"fp16"`` (see `rsna_infer.members`). ``channels_last``: convolution weights in
+    channels-last format (``benchmarks/gpu_check.py`` measures whether it helps).
+    ``members``: ``"auto"`` (resident when the ensemble fits the card, else streamed),
+    ``"resident"`` or ``"streamed"`` (`rsna_infer.memory`); ``device_memory_gb``: the card's
+    memory to plan with instead of its free memory (on the CPU: a stand-in card).
 
     Order, so that every configuration or path mistake fails before a model runs, with an
     error that says what to fix (`ManifestError`, `rsna_infer.output.OutputError`,
@@ -915,7 +1045,8 @@ def predict(
             time_budget_s=time_budget_s, chunk_size=chunk_size, batch_size=batch_size, split=split,
             report_path=report_path, progress=progress, clock=clock, finalize=finalize, start=start,
             study_timeout_s=study_timeout_s, select=study_ids, qa_dir=qa_dir, qa_worst=qa_worst, qa_labels=qa_labels,
-            read_ahead=read_ahead,
+            read_ahead=read_ahead, precision=precision, channels_last=channels_last, members=members,
+            device_memory_gb=device_memory_gb,
         )
 
 
@@ -924,7 +1055,8 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
              batch_size: int | None, split: str, report_path: str | os.PathLike | None, progress: bool,
              clock: Callable[[], float], finalize: Any, start: float, study_timeout_s: float | None,
              select: Sequence[int] | None, qa_dir: str | os.PathLike | None, qa_worst: int,
-             qa_labels: str | os.PathLike | None, read_ahead: int | None) -> "pd.DataFrame":
+             qa_labels: str | os.PathLike | None, read_ahead: int | None, precision: str, channels_last: bool,
+             members: str, device_memory_gb: float | None) -> "pd.DataFrame":
     from .io import NoStudiesError, describe_no_studies, discover_studies
     from .output import probe_writable
     from .streaming import default_read_ahead, study_timeout_for
@@ -952,7 +1084,9 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
     study_ids = [int(r.study_id) for r in refs]
     discover_s = time.perf_counter() - t
     _write_csv(None, out_csv, study_ids, man.priors)
-    predictor = Predictor(man, device=device, tta=tta, batch_size=batch_size, verify=False, finalize=finalize, clock=clock)
+    predictor = Predictor(man, device=device, tta=tta, batch_size=batch_size, verify=False, finalize=finalize, clock=clock,
+                          precision=precision, channels_last=channels_last, members=members,
+                          device_memory_gb=device_memory_gb)
     report.manifest = {"path": str(man_path) if man_path else None, "sha256": man.sha256, "demo": is_demo,
                        "notes": man.notes, "priors": "manifest" if man.priors_given else "default"}
     report.devices = [str(d) for d in predictor.devices]
@@ -963,7 +1097,8 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
                        "read_ahead": default_read_ahead(workers) if read_ahead is None else read_ahead,
                        "chunk_size": chunk_size, "batch_size": predictor.batch_size, "time_budget_s": time_budget_s,
                        "study_timeout_s": study_timeout_s or study_timeout_for(time_budget_s), "split": split,
-                       "precision": "fp16 autocast" if predictor.devices[0].type == "cuda" else "fp32"}
+                       "precision": predictor.precision_label(), "members": "streamed" if predictor.streamed else "resident",
+                       "channels_last": predictor.channels_last}
     result = predictor.run(refs, num_workers=num_workers, chunk_size=chunk_size, time_budget_s=time_budget_s,
                            start=start, progress=progress, study_timeout_s=study_timeout_s, observer=collector,
                            read_ahead=read_ahead)
@@ -978,6 +1113,7 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
     report.deadline = result.deadline or {}
     report.warnings += result.warnings
     report.faults = result.faults
+    report.memory = result.memory
     report.peak_rss_mb = result.peak_rss_mb
     report.n_studies = len(result.study_ids)
     report.add_studies([result.records[s] for s in result.study_ids])
@@ -1076,6 +1212,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--qa-dir", type=Path, default=None, help="write QA pages (what the models saw) of the worst studies here (needs Pillow)")
     parser.add_argument("--qa-worst", type=int, default=10, metavar="N", help="studies that get a QA page (default 10; see docs/viz.md for the ranking)")
     parser.add_argument("--qa-labels", type=Path, default=None, metavar="CSV", help="train_label_coordinates.csv: draw the ground-truth points on the QA pages")
+    parser.add_argument("--precision", choices=("auto", "fp32", "fp16"), default="auto",
+                        help="weights on a GPU: auto = fp16 (bf16 where a member asks), fp32 = full precision")
+    parser.add_argument("--channels-last", action="store_true", help="convolution weights in channels-last format")
+    parser.add_argument("--members", choices=("auto", "resident", "streamed"), default="auto",
+                        help="auto: every member on the card when they fit, else streamed (loaded group by group)")
+    parser.add_argument("--device-memory", type=float, default=None, metavar="GB",
+                        help="plan with this much device memory instead of the card's free memory")
     parser.add_argument("--read-ahead", type=int, default=None, metavar="N",
                         help="studies decoded ahead of the running chunks (default: workers + 2; more overlaps more "
                              "loading with the device, at ~60 MB per study)")
@@ -1096,6 +1239,8 @@ def run_cli(args: argparse.Namespace) -> int:
             num_workers=args.workers, time_budget_s=args.time_budget, chunk_size=args.chunk_size,
             batch_size=args.batch_size, split=args.split, study_timeout_s=args.study_timeout,
             qa_dir=args.qa_dir, qa_worst=args.qa_worst, qa_labels=args.qa_labels, read_ahead=args.read_ahead,
+            precision=args.precision, channels_last=args.channels_last, members=args.members,
+            device_memory_gb=args.device_memory,
         )
     except (ManifestError, DeviceError, OutputError, FileNotFoundError, ValueError, OSError, VizUnavailable) as e:
         print(f"error: {e}", file=sys.stderr)

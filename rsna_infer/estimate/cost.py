@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from ..groups import preparation_groups
 from ..registry import make_family
 from ..specs import ModelEntry
+from ..memory import RunMemory, batch_bytes, run_memory
 from .flops import CallFlops, count_run
 from .host import DecodeRate, StageTime, measure_decode, one_torch_thread, timed
 from .typical import StudyGeometry, keypoints_in, typical_study, typical_world_points
@@ -64,6 +65,9 @@ class SignatureCost:
     shapes: list[ShapeCost]
     count_s: float
     note: str = ""
+    memory: "RunMemory | None" = None  # of one run at ``memory_batch`` samples of the largest shape
+    memory_batch: int = 0
+    memory_batch_bytes: int = 0  # that batch's own bytes (fp32, on the device)
 
     @property
     def samples_per_study(self) -> float:
@@ -81,7 +85,12 @@ class SignatureCost:
                 "samples_per_study": round(self.samples_per_study, 4),
                 "gflop_per_study_tta": round(self.flops_per_study(True) / 1e9, 3),
                 "gflop_per_study_plain": round(self.flops_per_study(False) / 1e9, 3),
-                "shapes": [s.to_dict() for s in self.shapes], "count_s": round(self.count_s, 3), "note": self.note}
+                "shapes": [s.to_dict() for s in self.shapes], "count_s": round(self.count_s, 3), "note": self.note,
+                "memory": None if self.memory is None else {
+                    "batch": self.memory_batch, "batch_mb": round(self.memory_batch_bytes / 2**20, 1),
+                    "activation_mb_fp32": round(self.memory.activation_bytes / 2**20, 1), "method": self.memory.method,
+                    "weight_mb_fp32": round(self.memory.weight_bytes_fp32 / 2**20, 1),
+                    "weight_mb_half": round(self.memory.weight_bytes_half / 2**20, 1)}}
 
 
 @dataclass
@@ -146,12 +155,17 @@ def cost_manifest(
     cpu_studies: int = 2,
     cpu_image_size: tuple[int, int] = (384, 512),
     seed: int = 0,
+    memory_batch: int | None = 32,
+    count_flops: bool = True,
 ) -> EnsembleCost:
     """Cost every member of ``manifest`` on the typical studies of ``geometry``.
 
     ``measure_cpu``: also decode ``cpu_studies`` phantom studies of ``cpu_image_size`` px
     (written to a temporary folder) to measure the decode rate; preparation is always timed
-    (it runs anyway to get the samples). No weight file is read.
+    (it runs anyway to get the samples). ``memory_batch``: also replay each distinct model at
+    that many samples of its largest input shape for its device memory (`rsna_infer.memory`;
+    None: skip). ``count_flops=False`` skips the FLOP count (the predictor's memory plan). No
+    weight file is read.
     """
     g = geometry or StudyGeometry()
     t0 = time.perf_counter()
@@ -223,9 +237,23 @@ def cost_manifest(
             batches = [(fam.example_batch(1), 1.0, None)]
         shapes, params, model = [], 0, None
         for batch, w, example in batches:
-            flops, params, model = count_run(fam, batch, model)
+            if count_flops:
+                flops, params, model = count_run(fam, batch, model)
+            else:
+                flops = CallFlops(0.0, 0.0, 1, "not counted")
             shapes.append(ShapeCost({k: list(v.shape[1:]) for k, v in batch.items()}, w, flops, example))
-        signatures[sig] = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
+        cost = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
+        if memory_batch:
+            big = max(batches, key=lambda b: batch_bytes(b[0]))
+            one = [big[2]] if big[2] is not None else None
+            full = fam.collate(one * int(memory_batch)) if one else fam.example_batch(int(memory_batch))
+            with one_torch_thread():
+                cost.memory, model = run_memory(fam, full, model)
+            cost.memory_batch, cost.memory_batch_bytes = int(memory_batch), batch_bytes(full)
+            if not count_flops:
+                cost.params = int(cost.memory.weight_bytes_fp32 // 4)
+            del full
+        signatures[sig] = cost
         logger.debug("%s: %.1f GFLOP per study with TTA (%s)", sig, signatures[sig].flops_per_study(True) / 1e9,
                      ", ".join(s.flops.method for s in shapes))
 
