@@ -669,6 +669,24 @@ class Predictor:
             self._failed(f"run {members[w].name}", sid, exc)
             out.records[sid].error(f"run {members[w].name}", exc)
 
+    def set_streaming(self, streamed: bool) -> None:
+        """Switch every replica between resident and streamed members (benchmarks compare the
+        two on one loaded predictor; a run chooses at construction from the memory plan)."""
+        from .members import _to_pinned_host
+        from .memory import Residency
+
+        if streamed == self.streamed:
+            return
+        for rep in self.replicas:
+            for m in rep.values():
+                if streamed:
+                    _to_pinned_host(m)
+                else:
+                    m.to_device()
+                    m._host_of.clear()  # resident from now on: nothing to go back to
+        self.streamed = streamed
+        self.residency = [Residency(rep, streamed) for rep in self.replicas]
+
     def memory_report(self, measured: dict[str, int] | None = None) -> dict[str, Any]:
         """Device memory for the run report: the mode, the plan (per member: weights and
         activations at the batch size), what was measured per member, and the peak."""
