@@ -11,7 +11,11 @@ waits only for the first group's crops (or for all of them, when cutting crops t
 than the stage-2 forwards). Per study the run is bound by the slowest of three paths:
 
 - device path: ``(stage-1 device seconds + stage-1 main-process preparation
-  + max(stage-2 device seconds + first stage-2 group's crops, all stage-2 crops)) / gpus``;
+  + max(stage-2 device seconds + first stage-2 group's crops, all stage-2 crops)
+  + the loading not hidden behind the device) / gpus``: the workers decode `read ahead`
+  (workers + 2) studies beyond the chunk a device runs, so the rest of the next chunk,
+  ``(chunk - read ahead) / chunk`` of its loading, is read while the device waits; plus,
+  with streamed members, the weights moved to the device once per chunk;
 - loading path: ``(decode + worker preparation) / workers``;
 - CPU path: all host CPU seconds ``/ cpus``.
 
@@ -27,6 +31,7 @@ from typing import Any
 
 from ..deadline import Plan, build_ladder, default_reserve_s
 from ..groups import default_num_workers
+from ..streaming import default_read_ahead
 from ..memory import CUDA_CONTEXT_BYTES, MemoryPlan, member_memory, plan_memory, usable_bytes
 from .cost import EnsembleCost
 from .gpus import GPU_KINDS, Calibration, GpuKind
@@ -213,7 +218,9 @@ def _paths(cost: EnsembleCost, gpu: GpuKind, gpus: int, cpus: int, plan: Plan,
     stream = 0.0
     if mem is not None and mem.mode == "streamed":  # every chunk loads every member once
         stream = mem.weights_bytes / (gpu.h2d_gbps * 1e9) / CHUNK_STUDIES
-    critical = dev1 + main1 + max(dev2 + (crops[0] if crops else 0.0), sum(crops)) + stream
+    workers = loader_workers(cpus)
+    unhidden = max(0, CHUNK_STUDIES - default_read_ahead(workers)) / CHUNK_STUDIES * loader / workers
+    critical = dev1 + main1 + max(dev2 + (crops[0] if crops else 0.0), sum(crops)) + stream + unhidden
     main_all = main1 + sum(crops)
     paths = PathTimes(dev1 + dev2, main_all, loader, decode, critical / gpus, loader / loader_workers(cpus),
                       (loader + main_all) / cpus, stream)
