@@ -171,6 +171,7 @@ class Predictor:
 
         self.timings = Timings()
         self._failed = _FailureLog()
+        self._crop_s: dict[str, float] = {}  # stage-2 group -> seconds per study its crops took last
         self.notes: list[str] = []  # run warnings from setup (a GPU passed over for the CPU...)
         t0 = time.perf_counter()
         self.manifest = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, verify=verify)
@@ -308,9 +309,8 @@ class Predictor:
         many decoded studies bound the memory; more hides more loading behind the device).
         """
         from .devices import ReplicaSet
-        from .streaming import StudyStream, default_read_ahead, limit_heap_fragmentation, study_timeout_for
+        from .streaming import StudyStream, default_read_ahead, study_timeout_for
 
-        limit_heap_fragmentation()
         num_workers = default_num_workers() if num_workers is None else int(num_workers)
         read_ahead = default_read_ahead(num_workers) if read_ahead is None else max(1, int(read_ahead))
         chunk_size = max(1, int(chunk_size))
@@ -481,7 +481,9 @@ class Predictor:
         masks = np.zeros((len(names), len(col), N_CONDITIONS, N_LEVELS), dtype=bool)
         row = {n: i for i, n in enumerate(names)}
         todo = []
-        for g in self.groups2:
+        # cheapest crops first (as measured on earlier chunks): the device waits only for the
+        # first group's crops; every group writes its own rows, so the order changes nothing else
+        for g in sorted(self.groups2, key=lambda g: self._crop_s.get(g.key, 0.0)):
             active = [n for n in g.members if n in row]
             if active:
                 family = members[g.members[0]].family
@@ -553,6 +555,8 @@ class Predictor:
     ) -> list[tuple[int, "Sample"]]:
         """Record what `_prepare` made (timing, per-study failures, the observer's capture)."""
         items, failures, seconds = prepared
+        if g.stage == 2 and not g.in_worker:
+            self._crop_s[g.key] = seconds / max(1, len({sid for sid, _ in items}) + len(failures))
         for sid, e in failures:
             self._failed(f"prepare {g.key}", sid, e)
             out.records[sid].error(f"prepare {g.key}", e)

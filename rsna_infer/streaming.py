@@ -137,9 +137,11 @@ def default_read_ahead(num_workers: int) -> int:
 def limit_heap_fragmentation() -> None:
     """Serve large arrays (decoded stacks, 1 MB and up) from their own mappings, returned to
     the system when freed. glibc raises its mmap threshold after the first large free and
-    then serves later stacks from the heap, which fragments: peak memory crept up with the
-    number of studies read (+11 % from 20 to 60 studies in-process, +6 % with this). A no-op
-    where the C library is not glibc."""
+    then serves later stacks from the heap, which fragments: a worker's peak memory creeps up
+    with the studies it reads. Loading workers only: in the main process every large tensor
+    of a CPU forward would then be a fresh mapping, page faults included (CPU models ran 2x
+    slower), and the studies it receives from workers are shared-memory mappings anyway. A
+    no-op where the C library is not glibc."""
     import ctypes
     import platform
 
