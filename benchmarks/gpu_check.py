@@ -9,16 +9,22 @@ Self-contained: it needs no weights and no data. It
 
 1. costs the manifest (default: the template ``weights_manifest.json``; ``--cpu-smoke``: the
    tiny ensemble of every family) on a typical study, as ``rsna-infer estimate`` does;
-2. times each distinct model's ``family.run`` (flip TTA, fp16 autocast on CUDA) on a batch of
-   the typical study's real sample shapes, the size a 16-study chunk gives (at most
-   ``--batch-size``), with CUDA events: effective TFLOP/s per model;
+2. times each distinct model's ``family.run`` (flip TTA; on CUDA fp16 weights under fp16
+   autocast, as the predictor holds them) on a batch of the typical study's real sample
+   shapes, the size a 16-study chunk gives (at most ``--batch-size``), with CUDA events:
+   effective TFLOP/s per model; its peak device memory against the plan's figure
+   (`rsna_infer.memory`); then, time allowing, the same with channels-last weights
+   (``--channels-last`` of the predictor): the speed-up per model;
 3. writes phantom test studies (384-512 px, some with two axial series) and random-init
    weights (one file per distinct model, folds share it), builds the `Predictor` and runs
    ``Predictor.run`` on them: studies/s, peak device memory, the share of the run's wall
    time the device spends inside model forwards (CUDA events around every forward), the
    per-member forward seconds;
-4. runs the first studies again with autocast switched off inside every forward (fp32) and
-   reports the largest |p_fp16 - p_fp32| of the blended probabilities;
+4. runs the first studies again with members streamed (loaded group by group, as when the
+   ensemble does not fit the card): the largest |Δp| against the resident run (0 expected)
+   and the host-to-device rate of the weight loads; then with the fp32 weights read back
+   and autocast switched off inside every forward (fp32): the largest |p_fp16 - p_fp32| of
+   the blended probabilities (fp16 weights and fp16 arithmetic together);
 5. writes the calibration JSON (``rsna_infer.estimate.Calibration``) and prints a
    README-ready table.
 
@@ -107,13 +113,16 @@ def _sync(device) -> None:  # noqa: ANN001
 # -- step 2: per-model forward throughput --------------------------------------------------
 
 
-def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, min_s: float = 0.5) -> dict:  # noqa: ANN001
-    """MemberTiming per cost signature (see module docstring, step 2)."""
+def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, min_s: float = 0.5,  # noqa: ANN001
+                models: dict | None = None) -> dict:
+    """MemberTiming per cost signature (see module docstring, step 2); ``models`` collects
+    per signature the memory check and the channels-last speed-up."""
     import torch
 
     from rsna_infer.registry import make_family
 
     timings = {}
+    models = {} if models is None else models
     entries = {e.name: e for e in cost.entries}
     for sig, sc in cost.signatures.items():
         shape = max(sc.shapes, key=lambda s: s.per_study)
@@ -123,7 +132,9 @@ def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, 
         if not clock.allow(f"timing {sig}", 15.0):
             continue
         try:
-            timings[sig] = _time_one(make_family(entries[sc.name]), sc.name, sig, shape, device, batch_size, min_reps, min_s)
+            models[sig] = {}
+            timings[sig] = _time_one(make_family(entries[sc.name]), sc.name, sig, shape, device, batch_size, min_reps, min_s,
+                                     extra=models[sig])
         except Exception as e:  # one model that fails (out of memory, say) must not lose the others
             clock.notes.append(f"{sig}: timing failed ({type(e).__name__}: {str(e)[:200]})")
             logger.exception("timing %s failed", sig)
@@ -132,23 +143,64 @@ def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, 
     return timings
 
 
-def _time_one(family, name: str, sig: str, shape, device, batch_size: int, min_reps: int, min_s: float):  # noqa: ANN001, ANN202
+def time_channels_last(cost, device, batch_size: int, clock: Clock, timings: dict, models: dict,  # noqa: ANN001
+                       min_reps: int = 3, min_s: float = 0.5) -> None:
+    """The predictor's ``channels_last`` option per model, time allowing: speed-up over
+    the default memory format (> 1: faster), into ``models[signature]``."""
+    import torch
+
+    from rsna_infer.registry import make_family
+
+    entries = {e.name: e for e in cost.entries}
+    for sig, t in list(timings.items()):
+        sc = cost.signatures[sig]
+        if not clock.allow(f"channels-last timing of {sig}", 15.0):
+            break
+        try:
+            cl = _time_one(make_family(entries[sc.name]), sc.name, sig, max(sc.shapes, key=lambda s: s.per_study), device,
+                           batch_size, min_reps, min_s, channels_last=True)
+            models.setdefault(sig, {})["channels_last_speedup"] = round(t.seconds_per_call / cl.seconds_per_call, 3)
+        except Exception as e:
+            models.setdefault(sig, {})["channels_last_speedup"] = f"failed: {type(e).__name__}: {str(e)[:120]}"
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def _time_one(family, name: str, sig: str, shape, device, batch_size: int, min_reps: int, min_s: float,  # noqa: ANN001, ANN202
+              channels_last: bool = False, extra: dict | None = None):
     import torch
 
     from rsna_infer.estimate import MemberTiming
-    from rsna_infer.members import autocast_for
+    from rsna_infer.members import autocast_for, cast_weights, to_channels_last
+    from rsna_infer.memory import batch_bytes, member_memory, run_memory
 
-    model = family.build().eval().to(device)
+    model = family.build().eval()
+    if device.type == "cuda":
+        cast_weights(model, torch.float16)  # as the predictor holds it
+    if channels_last:
+        to_channels_last(model)
+    model.to(device)
     b = int(max(1, min(batch_size, round(CHUNK * shape.per_study))))
-    batch = {k: v.to(device) for k, v in family.collate([shape.example] * b).items()}
+    cpu_batch = family.collate([shape.example] * b)
+    batch = {k: v.to(device) for k, v in cpu_batch.items()}
     sw = Stopwatch(device)
 
     def call() -> None:
         with torch.inference_mode(), autocast_for(device):
             family.run(model, batch, tta=True)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
     call()  # warm-up: cudnn autotuning, lazy init
     _sync(device)
+    if extra is not None and device.type == "cuda":  # the plan's figure against the allocator's peak
+        measured = torch.cuda.max_memory_allocated(device) - base + batch_bytes(cpu_batch)
+        run, _ = run_memory(family, cpu_batch)
+        planned = member_memory(name, "", run, b, batch_bytes(cpu_batch), "fp16", autocast=True).activation_bytes
+        extra.update({"batch": b, "activation_mb_planned": round(planned / 2**20, 1),
+                      "activation_mb_measured": round(measured / 2**20, 1),
+                      "planned_over_measured": round(planned / measured, 3) if measured > 0 else None})
     reps, t = 0, time.perf_counter()
     while reps < min_reps or (time.perf_counter() - t < min_s and reps < 50):
         begin = sw.start()
@@ -297,11 +349,32 @@ def run_predictor(entries, device, n_studies: int, image_size: tuple[int, int], 
         })
         logger.info("predictor: %d studies in %.1f s (%.2f studies/s), device busy %.0f%% of the wall time", len(refs), wall,
                     len(refs) / wall, 100 * (out["device_busy_share"] or 0))
+        out["memory"] = {k: v for k, v in res16.memory.items() if k != "plan"}
+        out["memory_plan"] = (res16.memory.get("plan") or {}).get("reason")
         k = min(fp32_studies, len(refs))
+        if clock.allow("the streamed comparison", 3.0 * wall * k / max(len(refs), 1) + 20.0):
+            predictor.set_streaming(True)
+            t = time.perf_counter()
+            res_s = predictor.run(refs[:k], progress=False)
+            out["streamed_wall_s"] = round(time.perf_counter() - t, 2)
+            common = [s for s in res_s.probs if s in res16.probs]
+            out["streamed_vs_resident_max_abs_dp"] = max(
+                (float(np.max(np.abs(res16.probs[s] - res_s.probs[s]))) for s in common), default=None)
+            load_s = res_s.memory.get("load_s") or 0.0
+            loaded = sum(m.weight_bytes for m in predictor.replicas[0].values()) * max(1, -(-k // CHUNK))
+            out["streamed_loads"] = res_s.memory.get("loads")
+            out["h2d_gbps"] = round(loaded / load_s / 1e9, 2) if load_s > 0 else None
+            predictor.set_streaming(False)
         if device.type != "cuda":
             out["fp16_vs_fp32_max_abs_dp"] = None
             clock.notes.append("fp16 vs fp32: not measured on the CPU (inference there is fp32 only)")
         elif clock.allow("the fp32 comparison", 8.0 * wall * k / max(len(refs), 1) + 20.0):
+            from rsna_infer.manifest import load_weights
+
+            for e in man.models:  # the fp32 weights back, as they are in the files
+                m = predictor.replicas[0][e.name]
+                load_weights(m.model.float(), man.resolve(e), strict=True)
+                m.weight_dtype = torch.float32
             probe.reset(fp32=True)
             res32 = predictor.run(refs[:k], progress=False)
             common = [s for s in res32.probs if s in res16.probs]
@@ -330,13 +403,23 @@ def table(cost, timings: dict, cal_overall: float, e2e: dict, device_name: str, 
         lines.append(f"| `{sig.split('#')[0]}` | {counts.get(sig, 0)} | {t.batch} | {t.flops_per_call / 1e9:,.1f} | "
                      f"{1000 * t.seconds_per_call:,.1f} | {t.effective_tflops:.2f} |")
     lines += ["", f"- ensemble effective throughput on a typical study: **{cal_overall:.3g} TFLOP/s**"]
+    checks = e2e.get("models") or {}
+    ratios = [v["planned_over_measured"] for v in checks.values() if isinstance(v.get("planned_over_measured"), float)]
+    if ratios:
+        lines.append(f"- device memory plan / measured activation peak per model: {min(ratios):.2f}-{max(ratios):.2f}")
+    speed = {k.split('#')[0]: v["channels_last_speedup"] for k, v in checks.items() if isinstance(v.get("channels_last_speedup"), float)}
+    if speed:
+        lines.append("- channels-last speed-up per model: " + ", ".join(f"`{k}` {v:.2f}x" for k, v in speed.items()))
     if "studies_per_s" in e2e:
         mem = e2e.get("peak_memory_mb")
         dp = e2e.get("fp16_vs_fp32_max_abs_dp")
         lines += [
             f"- predictor on {e2e['studies']} phantom studies ({e2e.get('dicom_mb')} MB): {e2e['studies_per_s']} studies/s, "
             f"device inside model forwards {100 * (e2e.get('device_busy_share') or 0):.0f}% of the wall time, setup {e2e.get('setup_s')} s",
-            f"- peak device memory: {'n/a (CPU)' if mem is None else f'{mem:,.0f} MB'}",
+            f"- peak device memory: {'n/a (CPU)' if mem is None else f'{mem:,.0f} MB'}"
+            + (f"; plan: {e2e.get('memory_plan')}" if e2e.get("memory_plan") else ""),
+            f"- streamed members vs resident, max |Δp|: {e2e.get('streamed_vs_resident_max_abs_dp')}, weight loads at "
+            f"{e2e.get('h2d_gbps')} GB/s",
             f"- fp16 vs fp32, max |Δp| of the blended probabilities: {'n/a' if dp is None else f'{dp:.2e}'}"
             + (f" ({e2e.get('fp16_vs_fp32_studies')} studies)" if dp is not None else ""),
         ]
@@ -392,10 +475,11 @@ def main(argv: list[str] | None = None) -> int:
         n_studies, image_size, reps, min_s = args.studies or 6, (384, 512), 3, 0.5
     logger.info("device %s (%s), torch %s, %d models", name, kind, torch.__version__, len(man.models))
 
-    cost = cost_manifest(man, geometry, measure_cpu=False)
+    cost = cost_manifest(man, geometry, measure_cpu=False, memory_batch=None)  # memory: per model in step 2
     logger.info("costed %d distinct models in %.1f s: %.2f TFLOP per typical study with TTA", len(cost.signatures),
                 cost.seconds, sum(cost.member(e.name).flops_per_study(True) for e in cost.entries) / 1e12)
-    timings = time_models(cost, device, args.batch_size, clock, min_reps=reps, min_s=min_s)
+    models: dict[str, dict] = {}
+    timings = time_models(cost, device, args.batch_size, clock, min_reps=reps, min_s=min_s, models=models)
     overall = ensemble_tflops(cost, timings)
     e2e: dict[str, object] = {}
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as tmp:
@@ -404,9 +488,11 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as e:  # the calibration above is still worth writing
             logger.exception("predictor run failed")
             clock.notes.append(f"predictor run failed: {type(e).__name__}: {e}")
+    time_channels_last(cost, device, args.batch_size, clock, timings, models, min_reps=reps, min_s=min_s)
+    e2e["models"] = models
     e2e["elapsed_s"] = round(clock.elapsed(), 1)
     e2e["notes"] = clock.notes
-    precision = "fp16 autocast" if device.type == "cuda" else "fp32 (CPU)"
+    precision = "fp16 weights, fp16 autocast" if device.type == "cuda" else "fp32 (CPU)"
     cal = Calibration(
         device_name=name, kind=kind, overall_tflops=overall if overall > 0 else 1e-9, members=timings,
         torch_version=torch.__version__, precision=precision,

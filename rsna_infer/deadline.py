@@ -18,7 +18,11 @@ decision is logged (the first projection and each change at INFO/WARNING, the re
 DEBUG) and every change recorded in ``events``. Cost model per study: a fixed part (reading, decoding, preprocessing, stage-2
 cropping; measured as the chunk's wall time minus its model time) plus each active member's
 measured model time; a member never measured without TTA is assumed to cost
-1/`TTA_COST_FACTOR` of its TTA cost. All times come from an injectable ``clock``.
+1/`TTA_COST_FACTOR` of its TTA cost. With streamed members (`rsna_infer.memory`) moving a
+member's weights to the device is a cost per *chunk*, not per study: it is measured per
+member and spread over ``chunk_studies`` (a one-study probe chunk would otherwise make it
+look 16 times dearer), and shedding a member saves its loads too. All times come from an
+injectable ``clock``.
 """
 
 from __future__ import annotations
@@ -123,12 +127,14 @@ class DeadlineGuard:
     clock: Callable[[], float] = time.monotonic
     start: float | None = None
     reserve_s: float | None = None
+    chunk_studies: int = 16  # studies per chunk of the run: what a per-chunk cost is spread over
     level: int = 0
     events: list[ShedEvent] = field(default_factory=list)
     studies_done: int = 0
     skipped: int = 0
     _fixed: _Cost = field(default_factory=_Cost)
     _member: dict[tuple[str, bool], _Cost] = field(default_factory=dict)
+    _load: dict[str, _Cost] = field(default_factory=dict)  # streamed: seconds per chunk moving a member in
     _projected: bool = False  # the first projection was logged
 
     def __post_init__(self) -> None:
@@ -165,16 +171,22 @@ class DeadlineGuard:
         return self.clock() - float(self.start)
 
     # -- measurements ---------------------------------------------------------------------
-    def observe(self, n_studies: int, wall_s: float, member_s: dict[str, float], tta: bool, n_devices: int = 1) -> None:
+    def observe(self, n_studies: int, wall_s: float, member_s: dict[str, float], tta: bool, n_devices: int = 1,
+                load_s: dict[str, float] | None = None) -> None:
         """Record one finished chunk: ``wall_s`` from the caller's clock, ``member_s`` model
         seconds per member (summed over its batches; divided by ``n_devices`` when chunks run
-        on several devices at once)."""
+        on several devices at once), ``load_s`` seconds spent moving streamed members' weights
+        to the device (per member, once per chunk)."""
         if n_studies <= 0:
             return
+        load_s = load_s or {}
         model = sum(member_s.values()) / n_devices
-        self._fixed.add(max(0.0, wall_s - model), n_studies)
+        loads = sum(load_s.values()) / n_devices
+        self._fixed.add(max(0.0, wall_s - model - loads), n_studies)
         for name, s in member_s.items():
             self._member.setdefault((name, tta), _Cost()).add(s / n_devices, n_studies)
+        for name, s in load_s.items():
+            self._load.setdefault(name, _Cost()).add(s / n_devices, 1)  # per chunk
         self.studies_done += n_studies
 
     def member_cost(self, name: str, tta: bool) -> float:
@@ -191,7 +203,8 @@ class DeadlineGuard:
         fixed = self._fixed.per_study
         if fixed is None:
             return None
-        return fixed + sum(self.member_cost(n, plan.tta) for n in plan.members)
+        loads = sum(c.per_study or 0.0 for n, c in self._load.items() if n in plan.members) / max(1, self.chunk_studies)
+        return fixed + loads + sum(self.member_cost(n, plan.tta) for n in plan.members)
 
     # -- decisions ------------------------------------------------------------------------
     def choose(self, remaining: int) -> Plan:

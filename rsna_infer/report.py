@@ -150,6 +150,7 @@ class RunReport:
     summary: dict[str, int] = field(default_factory=dict)
     deadline: dict[str, Any] = field(default_factory=dict)
     faults: dict[str, Any] = field(default_factory=dict)  # what the machine did: workers, devices, OOM
+    memory: dict[str, Any] = field(default_factory=dict)  # device memory: mode, plan per member, measured, peak
     warnings: list[str] = field(default_factory=list)
     studies: dict[str, dict[str, Any]] = field(default_factory=dict)
 

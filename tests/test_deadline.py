@@ -147,3 +147,18 @@ def test_report_dict():
     g.choose(90)
     d = g.to_dict()
     assert d["final_plan"] == "tta off" and d["shed"][0]["action"] == "tta off" and d["studies_given_priors"] == 0
+
+
+def test_streaming_loads_are_a_cost_per_chunk_spread_over_its_studies():
+    """A one-study probe chunk that spent 8 s moving streamed weights must not make every
+    study look 8 s dearer: loads count per chunk, spread over the run's chunk size, and a
+    member shed takes its loads with it."""
+    from rsna_infer.deadline import DeadlineGuard, Plan
+
+    clock = lambda: 0.0  # noqa: E731
+    full = Plan(True, frozenset({"a", "b"}))
+    guard = DeadlineGuard(1000.0, [full, Plan(True, frozenset({"a"}), "drop b")], clock=clock, chunk_studies=16)
+    guard.observe(1, wall_s=10.0, member_s={"a": 0.5, "b": 0.5}, tta=True, load_s={"a": 4.0, "b": 4.0})
+    # fixed = 10 - 1 (models) - 8 (loads) = 1 s per study; loads 8 s per chunk of 16 = 0.5 s per study
+    assert guard.cost_per_study(full) == pytest.approx(1.0 + 1.0 + 0.5)
+    assert guard.cost_per_study(guard.ladder[1]) == pytest.approx(1.0 + 0.5 + 0.25)

@@ -138,3 +138,29 @@ def test_close_ends_busy_and_stopped_workers_promptly():
 
 def test_describe_exit():
     assert describe_exit(-9) == "was killed by SIGKILL" and describe_exit(1) == "exited with code 1"
+
+
+def arrays(n: int) -> dict:
+    """A task whose result holds large arrays (a decoded study) and small ones."""
+    import numpy as np
+
+    return {"stack": np.arange(n * 64 * 64, dtype=np.float32).reshape(n, 64, 64), "small": np.arange(3),
+            "more": [np.full((n, 64, 64), 7, np.int16)], "pid": os.getpid()}
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_large_arrays_come_back_through_shared_memory_equal_and_writable(method, monkeypatch):
+    import numpy as np
+
+    import rsna_infer.workers as workers
+
+    for shared in (True, False):
+        if not shared:  # where memfd is missing the result goes through the socket
+            monkeypatch.delattr(workers.os, "memfd_create", raising=False)
+        with WorkerPool(1, arrays, start_method=method) as pool:
+            got = pool.submit(40, timeout=30).result(timeout=60)
+        want = arrays(40)
+        np.testing.assert_array_equal(got["stack"], want["stack"])
+        np.testing.assert_array_equal(got["more"][0], want["more"][0])
+        assert list(got["small"]) == [0, 1, 2] and got["pid"] != os.getpid()
+        got["stack"][0, 0, 0] = -1.0  # the caller owns the arrays

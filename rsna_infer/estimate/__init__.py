@@ -23,7 +23,7 @@ import logging
 import os
 from pathlib import Path
 
-from .cost import EnsembleCost, cost_manifest, cost_signature, preparation_key
+from .cost import EnsembleCost, cost_manifest, cost_signature
 from .gpus import GPU_KINDS, Calibration, GpuKind, MemberTiming, gpu_kind, kind_of_device_name
 from .projection import DEFAULT_BUDGET_HOURS, KAGGLE_LIMIT_HOURS, Estimate, MemberRow, loader_workers, project
 from .typical import StudyGeometry, keypoints_in, typical_study, typical_world_points
@@ -48,7 +48,6 @@ __all__ = [
     "keypoints_in",
     "kind_of_device_name",
     "loader_workers",
-    "preparation_key",
     "project",
     "run_cli",
     "typical_study",
@@ -72,15 +71,18 @@ def estimate(
     limit_hours: float = KAGGLE_LIMIT_HOURS,
     cpu_studies: int = 2,
     cpu_image_size: tuple[int, int] = (384, 512),
+    batch_size: int = 32,
 ) -> Estimate:
     """Cost ``manifest`` (a path or `Manifest`; weight files need not exist) and project a
     run of ``n_studies`` on ``gpus`` x ``gpu`` with ``cpus`` CPUs. ``measure_cpu``: decode
-    ``cpu_studies`` phantom studies of ``cpu_image_size`` px to measure the decode rate."""
+    ``cpu_studies`` phantom studies of ``cpu_image_size`` px to measure the decode rate.
+    ``batch_size``: the predictor's batch on the card (32 on CUDA), for the device memory."""
     from ..manifest import Manifest, load_manifest
 
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, check_files=False)
     cal = calibration if isinstance(calibration, Calibration) or calibration is None else Calibration.load(calibration)
-    cost = cost_manifest(man, geometry, measure_cpu=measure_cpu, cpu_studies=cpu_studies, cpu_image_size=cpu_image_size)
+    cost = cost_manifest(man, geometry, measure_cpu=measure_cpu, cpu_studies=cpu_studies, cpu_image_size=cpu_image_size,
+                         memory_batch=batch_size)
     return project(cost, n_studies, gpu_kind(gpu), gpus=gpus, tta=tta, cpus=cpus, calibration=cal,
                    budget_hours=budget_hours, limit_hours=limit_hours)
 
@@ -113,6 +115,17 @@ def format_estimate(est: Estimate) -> str:
         f"PROJECTED {est.projected_hours:.2f} h for {est.n_studies} studies: {est.verdict.upper()} "
         f"(budget {est.budget_hours:g} h of the {est.limit_hours:g} h limit, {est.usable_hours:.2f} h usable after the guard's reserve)",
     ]
+    if est.memory is not None:
+        m = est.memory
+        lines.append(f"device memory on one {g.key.upper()} ({g.memory_gb:g} GB, {m.budget_bytes / 2**30:.1f} GiB usable): "
+                     f"weights {m.weights_bytes / 2**30:.2f} GiB (fp16), all resident {m.resident_bytes / 2**30:.2f} GiB "
+                     f"-> {m.mode.upper()}" + ("" if m.fits else " (DOES NOT FIT)"))
+        big = sorted(m.members.values(), key=lambda r: -r.total_bytes)[:3]
+        lines.append("largest per member (weights + activations at batch " + str(big[0].batch if big else 0) + "): " + ", ".join(
+            f"{r.name} {r.weight_bytes / 2**20:,.0f} + {r.activation_bytes / 2**20:,.0f} MB" for r in big))
+        lines.append("by GPU kind: " + "; ".join(f"{k} {v['mode']}{'' if v['fits'] else ' (does not fit)'} "
+                                                  f"({v['planned_peak_mb'] / 1024:.1f} of {v['usable_mb'] / 1024:.1f} GiB)"
+                                                  for k, v in est.memory_by_kind.items()))
     lines += [f"advice: {a}" for a in est.advice]
     if not est.fits or len(est.ladder) > 1:
         lines.append("shedding ladder (deadline guard order): " + "; ".join(
@@ -144,6 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--axial-slices", type=int, default=d.axial_slices, help=f"typical study: slices per axial series (default {d.axial_slices})")
     parser.add_argument("--image-px", type=int, default=d.image_px, help=f"typical study: rows = columns of every slice (default {d.image_px})")
     parser.add_argument("--no-cpu-measure", action="store_true", help="skip the decode measurement on phantom studies")
+    parser.add_argument("--batch-size", type=int, default=32, help="the predictor's batch size on the card, for device memory (default 32)")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
 
 
@@ -157,7 +171,7 @@ def run_cli(args: argparse.Namespace) -> int:
         geometry = StudyGeometry(sagittal_slices=args.sagittal_slices, axial_slices=args.axial_slices, image_px=args.image_px)
         est = estimate(path, args.studies, gpu=args.gpu, gpus=args.gpus, tta=not args.no_tta, cpus=args.cpus,
                        calibration=args.calibration, geometry=geometry, measure_cpu=not args.no_cpu_measure,
-                       budget_hours=args.budget_hours)
+                       budget_hours=args.budget_hours, batch_size=args.batch_size)
     except (ManifestError, ValueError) as e:
         print(f"error: {e}")
         return 1

@@ -18,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..groups import preparation_groups
 from ..registry import make_family
 from ..specs import ModelEntry
+from ..memory import RunMemory, batch_bytes, run_memory
 from .flops import CallFlops, count_run
 from .host import DecodeRate, StageTime, measure_decode, one_torch_thread, timed
 from .typical import StudyGeometry, keypoints_in, typical_study, typical_world_points
@@ -37,21 +39,6 @@ def cost_signature(entry: ModelEntry) -> str:
     blob = json.dumps([entry.family, entry.variant, entry.arch, entry.arch_kwargs, entry.input.to_dict(), entry.model_kwargs],
                       sort_keys=True, default=str)
     return f"{entry.family}/{entry.variant}/{entry.arch}#{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-
-def preparation_key(entry: ModelEntry) -> str:
-    """The predictor's preparation group of ``entry`` (see `rsna_infer.predictor.Predictor`):
-    stage-1 folds of a family/variant share one input, stage-2 members share a preparation
-    when family, variant, input and model kwargs agree."""
-    if entry.stage == 1:
-        return f"{entry.family}/{entry.variant}"
-    blob = json.dumps([entry.input.to_dict(), entry.model_kwargs], sort_keys=True, default=str)
-    return f"{entry.family}/{entry.variant}#{hashlib.sha1(blob.encode()).hexdigest()[:10]}"
-
-
-def needs_keypoints(family: "Family") -> bool:
-    """Whether ``prepare`` reads keypoints, i.e. runs in the main process after stage 1."""
-    return bool(getattr(family, "needs_keypoints", family.stage == 2))
 
 
 @dataclass
@@ -78,6 +65,9 @@ class SignatureCost:
     shapes: list[ShapeCost]
     count_s: float
     note: str = ""
+    memory: "RunMemory | None" = None  # of one run at ``memory_batch`` samples of the largest shape
+    memory_batch: int = 0
+    memory_batch_bytes: int = 0  # that batch's own bytes (fp32, on the device)
 
     @property
     def samples_per_study(self) -> float:
@@ -95,7 +85,12 @@ class SignatureCost:
                 "samples_per_study": round(self.samples_per_study, 4),
                 "gflop_per_study_tta": round(self.flops_per_study(True) / 1e9, 3),
                 "gflop_per_study_plain": round(self.flops_per_study(False) / 1e9, 3),
-                "shapes": [s.to_dict() for s in self.shapes], "count_s": round(self.count_s, 3), "note": self.note}
+                "shapes": [s.to_dict() for s in self.shapes], "count_s": round(self.count_s, 3), "note": self.note,
+                "memory": None if self.memory is None else {
+                    "batch": self.memory_batch, "batch_mb": round(self.memory_batch_bytes / 2**20, 1),
+                    "activation_mb_fp32": round(self.memory.activation_bytes / 2**20, 1), "method": self.memory.method,
+                    "weight_mb_fp32": round(self.memory.weight_bytes_fp32 / 2**20, 1),
+                    "weight_mb_half": round(self.memory.weight_bytes_half / 2**20, 1)}}
 
 
 @dataclass
@@ -160,12 +155,17 @@ def cost_manifest(
     cpu_studies: int = 2,
     cpu_image_size: tuple[int, int] = (384, 512),
     seed: int = 0,
+    memory_batch: int | None = 32,
+    count_flops: bool = True,
 ) -> EnsembleCost:
     """Cost every member of ``manifest`` on the typical studies of ``geometry``.
 
     ``measure_cpu``: also decode ``cpu_studies`` phantom studies of ``cpu_image_size`` px
     (written to a temporary folder) to measure the decode rate; preparation is always timed
-    (it runs anyway to get the samples). No weight file is read.
+    (it runs anyway to get the samples). ``memory_batch``: also replay each distinct model at
+    that many samples of its largest input shape for its device memory (`rsna_infer.memory`;
+    None: skip). ``count_flops=False`` skips the FLOP count (the predictor's memory plan). No
+    weight file is read.
     """
     g = geometry or StudyGeometry()
     t0 = time.perf_counter()
@@ -185,18 +185,15 @@ def cost_manifest(
         study = typical_study(g, n_axial, study_id=i + 1, seed=seed + i)
         studies.append((study, weight, keypoints_in(study, world, set_keys)))
 
-    # -- preparation groups: samples and CPU time ---------------------------------------
+    # -- preparation groups (the predictor's own, `rsna_infer.groups`): samples and CPU time
     preps: dict[str, PrepCost] = {}
     samples: dict[str, list[tuple[list[Sample], float]]] = {}
     member_prep: dict[str, str] = {}
-    for e in entries:
-        key = preparation_key(e)
-        member_prep[e.name] = key
-        if key in preps:
-            preps[key].members.append(e.name)
-            continue
-        fam = families[e.name]
-        in_worker = not needs_keypoints(fam)
+    groups1, groups2 = preparation_groups(entries, families)
+    for grp in groups1 + groups2:
+        key, in_worker = grp.key, grp.in_worker
+        member_prep.update({n: key for n in grp.members})
+        fam = families[grp.members[0]]
         st = StageTime()
         got: list[tuple[list[Sample], float]] = []
         with one_torch_thread():
@@ -212,7 +209,7 @@ def cost_manifest(
                 st.add(weight * one.wall_s, weight * one.cpu_s, 1)
                 got.append((out, weight))
         samples[key] = got
-        preps[key] = PrepCost(key, e.stage, in_worker, [e.name], st, sum(w * len(s) for s, w in got))
+        preps[key] = PrepCost(key, grp.stage, in_worker, list(grp.members), st, sum(w * len(s) for s, w in got))
 
     # -- FLOPs per cost signature -----------------------------------------------------------
     signatures: dict[str, SignatureCost] = {}
@@ -240,9 +237,23 @@ def cost_manifest(
             batches = [(fam.example_batch(1), 1.0, None)]
         shapes, params, model = [], 0, None
         for batch, w, example in batches:
-            flops, params, model = count_run(fam, batch, model)
+            if count_flops:
+                flops, params, model = count_run(fam, batch, model)
+            else:
+                flops = CallFlops(0.0, 0.0, 1, "not counted")
             shapes.append(ShapeCost({k: list(v.shape[1:]) for k, v in batch.items()}, w, flops, example))
-        signatures[sig] = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
+        cost = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
+        if memory_batch:
+            big = max(batches, key=lambda b: batch_bytes(b[0]))
+            one = [big[2]] if big[2] is not None else None
+            full = fam.collate(one * int(memory_batch)) if one else fam.example_batch(int(memory_batch))
+            with one_torch_thread():
+                cost.memory, model = run_memory(fam, full, model)
+            cost.memory_batch, cost.memory_batch_bytes = int(memory_batch), batch_bytes(full)
+            if not count_flops:
+                cost.params = int(cost.memory.weight_bytes_fp32 // 4)
+            del full
+        signatures[sig] = cost
         logger.debug("%s: %.1f GFLOP per study with TTA (%s)", sig, signatures[sig].flops_per_study(True) / 1e9,
                      ", ".join(s.flops.method for s in shapes))
 

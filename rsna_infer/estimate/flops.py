@@ -135,6 +135,11 @@ class _ShapeOnly(TorchDispatchMode):
         return out
 
 
+def flop_registry_ops() -> set:
+    """The operators `FlopCounterMode` counts (torch's registry plus the CPU attention kernel)."""
+    return set(flop_registry) | set(_sdpa_cpu_flops())
+
+
 def _count_calls(model: "nn.Module") -> tuple[list[int], Any]:
     calls = [0]
 
@@ -165,7 +170,7 @@ def count_run(
             logger.debug("%s: meta FLOP count impossible (%s: %s); counting shape-only on the CPU",
                          family.entry.name, type(e).__name__, (str(e).splitlines() or [""])[0][:120])
         model = family.build().eval()
-    counted = set(flop_registry) | set(custom)
+    counted = flop_registry_ops()
     flops = _run_counted(family, model, batch, custom, shape_only=_ShapeOnly(counted))
     return CallFlops(*flops, method="shape-only"), _params(model), model
 

@@ -38,6 +38,9 @@ class GpuKind:
     memory_gb: float
     efficiency: float  # prior fraction of ``peak_tflops`` sustained; replaced by calibration
     source: str
+    #: host-to-device copies from pinned memory, GB/s: what streaming members costs. Priors:
+    #: about half the bus's x16 rate (PCIe 3: 16 GB/s, PCIe 4: 32, PCIe 5 / SXM: 64).
+    h2d_gbps: float = 6.0
 
     @property
     def effective_tflops(self) -> float:
@@ -48,19 +51,20 @@ GPU_KINDS: dict[str, GpuKind] = {
     "t4": GpuKind(
         "t4", "NVIDIA T4 (Kaggle 'GPU T4 x2': two of them)", 65.0, 8.1, 16.0, 0.10,
         "NVIDIA T4 datasheet: 65 TFLOPS mixed-precision FP16/FP32 tensor, 8.1 TFLOPS FP32, 16 GB GDDR6, 70 W "
-        "(power-capped: sustained clocks sit below boost)",
+        "(power-capped: sustained clocks sit below boost)", 6.0,
     ),
     "p100": GpuKind(
         "p100", "NVIDIA Tesla P100 PCIe 16 GB (Kaggle 'GPU P100')", 18.7, 9.3, 16.0, 0.25,
-        "NVIDIA Tesla P100 PCIe datasheet: 18.7 TFLOPS FP16 (no tensor cores), 9.3 TFLOPS FP32, 16 GB HBM2",
+        "NVIDIA Tesla P100 PCIe datasheet: 18.7 TFLOPS FP16 (no tensor cores), 9.3 TFLOPS FP32, 16 GB HBM2", 6.0,
     ),
     "a100": GpuKind(
         "a100", "NVIDIA A100 (SXM4 / PCIe)", 312.0, 19.5, 80.0, 0.07,
-        "NVIDIA A100 datasheet: 312 TFLOPS FP16 tensor dense (624 with sparsity), 19.5 TFLOPS FP32, 40/80 GB",
+        "NVIDIA A100 datasheet: 312 TFLOPS FP16 tensor dense (624 with sparsity), 19.5 TFLOPS FP32, 40/80 GB", 12.0,
     ),
     "h100": GpuKind(
         "h100", "NVIDIA H100 SXM (H200: same compute)", 989.0, 67.0, 80.0, 0.045,
         "NVIDIA H100 datasheet: 989 TFLOPS FP16 tensor dense SXM (1,979 with sparsity; PCIe 756), 67 TFLOPS FP32, 80 GB",
+        25.0,
     ),
 }
 

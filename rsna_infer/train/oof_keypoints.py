@@ -25,7 +25,7 @@ import torch
 from ..family import KeypointFamily
 from ..manifest import Manifest, load_manifest
 from ..specs import ModelEntry
-from ..members import LoadedMember, autocast_for, load_member
+from ..members import LoadedMember, load_member
 from ..specs import STAGE1_FAMILIES
 from ..stage1.assemble import finalize, merge_decoded
 from ..stage1.keypoints import StudyKeypoints
@@ -64,7 +64,7 @@ def predict_keypoints(groups: list[list[LoadedMember]], study, tta: bool = False
             parts = []
             for k in range(0, len(samples), batch_size):
                 batch = {n: t.to(member.device) for n, t in family.collate(samples[k:k + batch_size]).items()}
-                with autocast_for(member.device):
+                with member.autocast():
                     parts.append(family.run(member.model, batch, tta=tta).float().cpu().numpy())
             o = np.concatenate(parts).astype(np.float64)
             outs = o if outs is None else outs + o
