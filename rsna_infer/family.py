@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from .options import ExtraOptions, Options
 from .specs import InputSpec, ModelEntry
 
 if TYPE_CHECKING:  # torch stays out of torch-free imports (manifest validation, CLI help)
@@ -50,11 +51,18 @@ class Family(ABC):
 
     name: ClassVar[str]
     stage: ClassVar[int]
+    #: The family's ``model_kwargs`` and ``input.extra`` options (typed dataclasses with
+    #: defaults, `rsna_infer.options`), parsed and validated once into `options` / `input_options`.
+    options_type: ClassVar[type[Options]] = Options
+    input_options_type: ClassVar[type[ExtraOptions]] = ExtraOptions
 
     def __init__(self, entry: ModelEntry) -> None:
         if entry.family != self.name:
             raise ValueError(f"entry {entry.name!r} is family {entry.family!r}, not {self.name!r}")
         self.entry = entry
+        where = f"model {entry.name!r} ({self.name})"
+        self.options: Any = self.options_type.parse(entry.model_kwargs, where)
+        self.input_options: Any = self.input_options_type.parse(entry.input.extra, where)
 
     @property
     def spec(self) -> InputSpec:

@@ -173,7 +173,7 @@ def test_sag2d_t2_round_trip_in_plane_on_centre_slice():
         vol = study.find(s.meta["series_id"], s.meta["stack_index"])
         truth_vox = vol.to_voxel(truth.get("truth_spinal").world)
         np.testing.assert_allclose(ks.voxel[:, 1:], truth_vox[:, 1:], atol=1e-4)
-        _, centre = fam.channel_slices(vol.shape[0])
+        _, centre = fam.channel_positions(vol.shape[0])
         np.testing.assert_allclose(ks.voxel[:, 0], source_slice_index(s.meta["transform"], centre))
         np.testing.assert_allclose(ks.confidence, fam.confidence)
 
@@ -184,7 +184,7 @@ def test_sag2d_t1_sides_in_patient_coordinates():
     fam, results = _round_trip("sag2d_t1", study, truth, rng=np.random.default_rng(0))
     ((s, _, ks),) = results
     vol = study.find(s.meta["series_id"], 0)
-    centre = source_slice_index(s.meta["transform"], fam.channel_slices(vol.shape[0])[1])
+    centre = source_slice_index(s.meta["transform"], fam.channel_positions(vol.shape[0])[1])
     centre_x = vol.to_world(np.array([centre, 0.0, 0.0]))[0]
     left, right = ks.world[:5], ks.world[5:]
     np.testing.assert_allclose(left[:, 0] - centre_x, 18.0, atol=1e-4)  # patient left = larger x
@@ -260,7 +260,7 @@ def test_tta_exact_on_ap_symmetric_input(key):
     torch.manual_seed(0)
     model = fam.build().eval()
     batch = fam.example_batch(2)
-    (ap,) = fam.tta_flips
+    ((ap,),) = fam.tta_flips
     batch["image"] = _symmetric(batch["image"], ap - 3)
     with torch.no_grad():
         plain, tta = fam.run(model, batch), fam.run(model, batch, tta=True)
@@ -301,7 +301,7 @@ def test_tta_unflips_exactly_with_side_swap(key, lateral_dim):
     """With a flip-equivariant model, TTA (A/P flip + left/right mirror) equals no TTA."""
     e = _entries()[key]
     fam = make_family(entry(e.family, e.variant, e.arch, e.input.size, model_kwargs={"tta_lr": True}))
-    assert len(fam.tta_flips) == 2
+    assert len(fam.tta_flips) == 3  # A/P, L/R, and both
     model = _CentroidModel(lateral_dim, 10, (1, 2, 3))
     batch = {"image": torch.rand(2, 1, 16, 20, 24) ** 4}
     plain, tta = fam.run(model, batch), fam.run(model, batch, tta=True)

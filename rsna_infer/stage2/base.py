@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..family import GradingFamily, Sample
 from ..imaging import volume_bounds
+from ..options import Options, option
 from ..specs import ModelEntry, SpecError
 from ..stage1.keypoints import POINT_KINDS
 from .augment import CropAugment
@@ -27,27 +29,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: model_kwargs every grading family accepts (with defaults).
-COMMON_KWARGS: dict[str, Any] = {
-    "prefer": None,  # {kind: [set keys]}: keypoint preference per kind (family defaults)
-    "tta_lr": False,  # add the left/right mirror (axial hflip) to flip TTA
-    "dropout": 0.0,
-}
-#: input.extra keys every grading family accepts (with defaults).
-COMMON_EXTRA: dict[str, Any] = {
-    "aug": None,  # CropAugment fields (training only)
-}
+@dataclass(frozen=True)
+class GradingOptions(Options):
+    """``model_kwargs`` every grading family accepts."""
 
+    prefer: dict | None = option(None, "{kind: [set keys]}: keypoint preference per kind (family defaults)")
+    tta_lr: bool = option(False, "flip TTA adds the left/right mirror and the combined one (outputs swapped back)")
+    dropout: float = option(0.0, "dropout before the heads")
 
-def positive_number(v: Any, what: str) -> float:
-    """``float(v)``, failing fast with ``what`` in the message unless finite and > 0."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise SpecError(f"{what} must be a positive number, got {v!r}") from None
-    if not np.isfinite(f) or f <= 0:
-        raise SpecError(f"{what} must be a positive number, got {v!r}")
-    return f
+    def check(self) -> None:
+        self.need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class CropContext:
@@ -86,40 +77,27 @@ class CropContext:
 class GradingBase(GradingFamily):
     """Validated options of a stage-2 family; subclasses declare what they accept.
 
-    Subclasses set ``VARIANTS``, ``MODEL_KWARGS`` (their own keys with defaults), ``EXTRA``
-    (``spec.extra`` keys with defaults) and ``DEFAULT_PREFER`` ({kind: set keys}), and
-    implement ``view_axes`` (flip behaviour of each batch entry) and ``input_shapes``.
+    Subclasses set ``VARIANTS``, ``options_type`` / ``input_options_type`` (dataclasses derived
+    from `GradingOptions` / `ExtraOptions`, see `rsna_infer.options`) and ``DEFAULT_PREFER``
+    ({kind: set keys}), and implement ``view_axes`` (flip behaviour of each batch entry) and
+    ``input_shapes``.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]]
-    MODEL_KWARGS: ClassVar[dict[str, Any]]
-    EXTRA: ClassVar[dict[str, Any]]
     DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]]
+    options_type: ClassVar[type[Options]] = GradingOptions
 
     def __init__(self, entry: ModelEntry) -> None:
         super().__init__(entry)
         where = f"model {entry.name!r} ({self.name})"
         if entry.variant not in self.VARIANTS:
             raise SpecError(f"{where}: unknown variant {entry.variant!r}; expected one of {self.VARIANTS}")
-        allowed = {**COMMON_KWARGS, **self.MODEL_KWARGS}
-        unknown = set(entry.model_kwargs) - set(allowed)
-        if unknown:
-            raise SpecError(f"{where}: unknown model_kwargs {sorted(unknown)}; allowed {sorted(allowed)}")
-        self.kwargs: dict[str, Any] = {**allowed, **entry.model_kwargs}
-        extra = {**COMMON_EXTRA, **self.EXTRA}
-        unknown = set(self.spec.extra) - set(extra)
-        if unknown:
-            raise SpecError(f"{where}: unknown input.extra key(s) {sorted(unknown)}; allowed {sorted(extra)}")
-        self.extra: dict[str, Any] = {**extra, **self.spec.extra}
         try:
-            self.augment = CropAugment.from_extra(self.extra)
+            self.augment = CropAugment.from_extra(self.spec.extra)
         except SpecError as e:
             raise SpecError(f"{where}: {e}") from None
         self.prefer = self._resolve_prefer(where)
-        self.tta_lr = bool(self.kwargs["tta_lr"])
-        dropout = float(self.kwargs["dropout"])
-        if not 0.0 <= dropout < 1.0:
-            raise SpecError(f"{where}: model_kwargs.dropout must be in [0, 1), got {dropout}")
+        self.tta_lr = bool(self.options.tta_lr)
         size = self.spec.size
         if len(size) == 3 and size[0] != self.spec.n_slices:
             raise SpecError(f"{where}: input.size {list(size)} is (D, H, W) but D != n_slices {self.spec.n_slices}")
@@ -127,7 +105,7 @@ class GradingBase(GradingFamily):
         self.where = where
 
     def _resolve_prefer(self, where: str) -> dict[str, tuple[str, ...]]:
-        given = self.kwargs["prefer"] or {}
+        given = self.options.prefer or {}
         if not isinstance(given, dict):
             raise SpecError(f"{where}: model_kwargs.prefer must map a keypoint kind to a list of set keys")
         bad = set(given) - set(POINT_KINDS)

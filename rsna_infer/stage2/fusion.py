@@ -32,6 +32,7 @@ axial crop.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -41,8 +42,8 @@ from torch import nn
 from ..backbones import create_backbone
 from ..constants import AXIAL_T2, LEVEL_TO_COORD_LEVEL, LEVELS, LR_SWAP, N_CLASSES, N_CONDITIONS, N_LEVELS, SAG_T1, SAG_T2
 from ..family import Sample
-from ..specs import SpecError
-from .base import GradingBase, positive_number
+from ..options import ExtraOptions, Options, option
+from .base import GradingBase, GradingOptions
 from .crops import Located, locate_point
 from .layers import ConditionGate, SliceSequenceEncoder
 from .tta import ViewAxes
@@ -59,6 +60,31 @@ DEFAULT_SAG_CROP_MM = 48.0
 DEFAULT_AXIAL_CROP_MM = 64.0
 
 
+@dataclass(frozen=True)
+class FusionOptions(GradingOptions):
+    emb_dim: int = option(128, "sagittal embedding width per condition")
+    gru_hidden: int = option(64, "axial slice-GRU width")
+    axial_arch: str | None = option(None, "axial encoder backbone (None: the entry's arch)")
+
+    def check(self) -> None:
+        super().check()
+        self.need(self.emb_dim >= 1 and self.gru_hidden >= 1, "emb_dim and gru_hidden must be >= 1")
+
+
+@dataclass(frozen=True)
+class FusionInput(ExtraOptions):
+    axial_crop_mm: float = option(DEFAULT_AXIAL_CROP_MM, "side (mm) of the axial crops")
+    axial_size: list | None = option(None, "[H, W] of the axial crops (None: input.size)")
+    axial_slices: int | None = option(None, "slices per axial crop (None: input.n_slices)")
+
+    def check(self) -> None:
+        self.need(np.isfinite(self.axial_crop_mm) and self.axial_crop_mm > 0, f"axial_crop_mm must be > 0, got {self.axial_crop_mm}")
+        self.need(self.axial_size is None or (len(self.axial_size) == 2 and all(
+            isinstance(v, int) and v >= 1 for v in self.axial_size)),
+            f"axial_size must be [H, W] of positive ints, got {self.axial_size}")
+        self.need(self.axial_slices is None or self.axial_slices >= 1, f"axial_slices must be >= 1, got {self.axial_slices}")
+
+
 class FusionFamily(GradingBase):
     """Three-view fusion grader; see the module docstring for crops and network.
 
@@ -72,8 +98,8 @@ class FusionFamily(GradingBase):
 
     name = "fusion"
     VARIANTS: ClassVar[tuple[str, ...]] = ("default",)
-    MODEL_KWARGS: ClassVar[dict[str, Any]] = {"emb_dim": 128, "gru_hidden": 64, "axial_arch": None}
-    EXTRA: ClassVar[dict[str, Any]] = {"axial_crop_mm": DEFAULT_AXIAL_CROP_MM, "axial_size": None, "axial_slices": None}
+    options_type: ClassVar[type[Options]] = FusionOptions
+    input_options_type: ClassVar[type[ExtraOptions]] = FusionInput
     DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = {
         "spinal": ("sag2d_t2", "sag3d_t2"),
         "foraminal": ("sag2d_t1", "sag3d_t1"),
@@ -84,17 +110,11 @@ class FusionFamily(GradingBase):
         super().__init__(entry)
         self._require_chans(self.spec.n_slices, "the sagittal encoder reads the slices as channels")
         self.sag_crop_mm = float(self.spec.crop_mm or DEFAULT_SAG_CROP_MM)
-        self.axial_crop_mm = positive_number(self.extra["axial_crop_mm"], f"{self.where}: input.extra.axial_crop_mm")
-        ax_size = self.extra["axial_size"] or self.out_size
-        if len(ax_size) != 2 or min(int(s) for s in ax_size) < 1:
-            raise SpecError(f"{self.where}: input.extra.axial_size must be [H, W] of positive ints, got {ax_size}")
+        x = self.input_options
+        self.axial_crop_mm = float(x.axial_crop_mm)
+        ax_size = x.axial_size or self.out_size
         self.axial_size = (int(ax_size[0]), int(ax_size[1]))
-        self.axial_slices = int(self.extra["axial_slices"] or self.spec.n_slices)
-        if self.axial_slices < 1:
-            raise SpecError(f"{self.where}: input.extra.axial_slices must be >= 1, got {self.axial_slices}")
-        for key in ("emb_dim", "gru_hidden"):
-            if int(self.kwargs[key]) < 1:
-                raise SpecError(f"{self.where}: model_kwargs.{key} must be >= 1, got {self.kwargs[key]}")
+        self.axial_slices = int(x.axial_slices or self.spec.n_slices)
 
     # -- shapes and flips ----------------------------------------------------------------
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -118,11 +138,11 @@ class FusionFamily(GradingBase):
     def build(self) -> nn.Module:
         return FusionNet(
             arch=self.entry.arch,
-            axial_arch=self.kwargs["axial_arch"] or self.entry.arch,
+            axial_arch=self.options.axial_arch or self.entry.arch,
             n_slices=self.spec.n_slices,
-            emb_dim=int(self.kwargs["emb_dim"]),
-            gru_hidden=int(self.kwargs["gru_hidden"]),
-            dropout=float(self.kwargs["dropout"]),
+            emb_dim=self.options.emb_dim,
+            gru_hidden=self.options.gru_hidden,
+            dropout=self.options.dropout,
             arch_kwargs=self.entry.arch_kwargs,
         )
 
