@@ -104,11 +104,13 @@ class StudyRecord:
 
 
 def keypoint_set_dict(s: "KeypointSet") -> dict[str, Any]:
-    """JSON form of one set: world mm (None where missing), confidence, series/stack."""
+    """JSON form of one set: world mm and origin (the set each point came from; None where
+    missing), confidence, series/stack."""
     valid = s.valid
     return {
         "kind": s.kind,
         "source": s.source,
+        "origin": [str(o) if ok else None for o, ok in zip(s.origin, valid)],
         "world": [np.round(w, 2).tolist() if ok else None for w, ok in zip(s.world, valid)],
         "confidence": np.round(s.confidence, 4).tolist(),
         "series_id": s.series_id.tolist(),

@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NONE_CLASS = N_LEVELS  # class index of "no level on this slice"
+#: Origin of a point whose z comes from the level classifier and (x, y) from the xy model.
+REFINED_ORIGIN = "axial_level+axial_xy"
 N_CLASSES = N_LEVELS + 1
 
 
@@ -334,7 +336,8 @@ class AxialXYFamily(PointFamily):
         for k, z, c in zip(sample.meta["points"], sample.meta["z"], sample.meta["confidence"]):
             voxel[k] = (z, *side_voxel[k // N_LEVELS, 1:])
             conf[k] = c
-        return self.to_set("subarticular", voxel, conf, vol)
+        out = self.to_set("subarticular", voxel, conf, vol)
+        return replace(out, origin=np.full(len(out), REFINED_ORIGIN, dtype=object))
 
     def targets(self, sample: Sample, study: "Study", truth: StudyKeypoints) -> dict[str, np.ndarray] | None:
         t = truth.get(truth_key("subarticular"))
@@ -348,17 +351,9 @@ class AxialXYFamily(PointFamily):
         return self.point_targets(world, valid, sample, self.find_volume(sample, study))
 
     def merge_sets(self, sets: list[KeypointSet], previous: KeypointSet | None = None) -> KeypointSet | None:
-        """The level set (``previous``) with the refined (x, y) of every decoded point."""
+        """The level set (``previous``) with the refined (x, y) of every decoded point (whose
+        origin becomes ``"axial_level+axial_xy"``)."""
         out = previous
         for s in sets:
-            if out is None:
-                out = s
-                continue
-            m = s.valid
-            out = out.with_points(m, world=s.world, voxel=s.voxel, series_id=s.series_id,
-                                  stack_index=s.stack_index, confidence=s.confidence)
-        if out is None:
-            return None
-        sources = [x for x in (out.source, "axial_xy") if x]
-        return replace(out, source="+".join(dict.fromkeys("+".join(sources).split("+"))))
-
+            out = s if out is None else out.take_points(s.valid, s)
+        return out
