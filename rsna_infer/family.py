@@ -126,6 +126,15 @@ class GradingFamily(Family):
 
     stage = 2
 
+    def sample_labels(self, sample: Sample, labels: np.ndarray) -> np.ndarray:
+        """The study's labels ``[5, 5]`` as ``sample`` sees them: left and right conditions
+        swapped when training augmentation mirrored the sample left/right."""
+        if sample.meta.get("lr_mirrored"):
+            from .stage2.layout import swap_lr_labels
+
+            return swap_lr_labels(labels)
+        return np.asarray(labels)
+
     def loss(self, output: "torch.Tensor", labels: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
         """Class-weighted (1/2/4) cross entropy over labelled, predicted targets.
 

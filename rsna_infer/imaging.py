@@ -290,15 +290,16 @@ class AugSpec:
     ``scale``: max relative zoom (region side multiplied by ``1 ± scale``); ``shift``: max shift
     as a fraction of the region; ``intensity``: max gamma/contrast change; ``ap_flip`` /
     ``lr_flip``: probability of an anterior/posterior or left/right mirror (a left/right mirror
-    swaps the left/right outputs, see `VoxelTransform.lr_swapped`); ``depth``: whether zoom and
-    shift also apply across slices (3-D inputs only).
+    swaps the left/right targets, see `VoxelTransform.lr_swapped`, so that a model learns to
+    treat a mirrored patient as the mirror of the original); ``depth``: whether zoom and shift
+    also apply across slices (3-D inputs only).
     """
 
     scale: float = 0.1
     shift: float = 0.05
     intensity: float = 0.1
     ap_flip: float = 0.5
-    lr_flip: float = 0.0
+    lr_flip: float = 0.5
     depth: bool = True
 
     @classmethod

@@ -17,7 +17,8 @@ from ..specs import ModelEntry, SpecError
 from ..stage1.keypoints import POINT_KINDS
 from .augment import CropAugment
 from .crops import CropInfo, Located, crop_2d5
-from .tta import ViewAxes, mirror_sample_ap, run_tta
+from .layout import swap_lr_labels
+from .tta import ViewAxes, mirror_sample, run_tta
 
 if TYPE_CHECKING:
     import torch
@@ -144,11 +145,17 @@ class GradingBase(GradingFamily):
         return {k: np.zeros(s, dtype=np.float32) for k, s in self.input_shapes().items()}
 
     def finish(self, study_id: int, inputs: dict[str, np.ndarray], mask: np.ndarray, meta: dict[str, Any], rng: np.random.Generator | None) -> Sample:
-        """The sample, mirrored anterior/posterior at random when training (``meta["ap_mirrored"]``)."""
-        mirrored = rng is not None and self.augment.mirror_ap(rng)
-        if mirrored:
-            inputs = mirror_sample_ap(inputs, self.view_axes())
-        meta = {"family": self.name, "variant": self.entry.variant, "model": self.entry.name, **meta, "ap_mirrored": mirrored}
+        """The sample; when training, mirrored anterior/posterior (``meta["ap_mirrored"]``) and
+        left/right (``meta["lr_mirrored"]``: inputs, mask and, through `sample_labels`, the
+        labels of the left and right conditions swapped) at random."""
+        ap = rng is not None and self.augment.mirror_ap(rng)
+        lr = rng is not None and self.augment.mirror_lr(rng)
+        if ap or lr:
+            inputs = mirror_sample(inputs, self.view_axes(), ap=ap, lr=lr)
+        if lr:
+            mask = swap_lr_labels(mask)
+        meta = {"family": self.name, "variant": self.entry.variant, "model": self.entry.name, **meta,
+                "ap_mirrored": ap, "lr_mirrored": lr}
         return Sample(int(study_id), inputs, meta, mask)
 
     def single_sample(

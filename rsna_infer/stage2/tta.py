@@ -74,14 +74,25 @@ def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool =
     return out
 
 
-def mirror_sample_ap(inputs: dict[str, np.ndarray], axes: dict[str, ViewAxes]) -> dict[str, np.ndarray]:
-    """One sample's inputs (no batch axis) with the patient mirrored anterior/posterior: the
-    training-time counterpart of the ``ap`` TTA pass (no output changes needed)."""
+def mirror_sample(inputs: dict[str, np.ndarray], axes: dict[str, ViewAxes], ap: bool = False, lr: bool = False) -> dict[str, np.ndarray]:
+    """One sample's inputs (no batch axis) with the patient mirrored ``ap`` and/or ``lr``: the
+    training-time counterpart of the TTA passes (an ``lr`` mirror also swaps the left/right
+    input slots, so its labels must be swapped too, `rsna_infer.stage2.layout.swap_lr_labels`)."""
     out = {}
     for key, x in inputs.items():
-        plane = axes[key].plane
-        axis = -1 if plane == "sagittal" else -2 if plane == "axial" else None
-        out[key] = np.ascontiguousarray(np.flip(x, axis)) if axis is not None else x
+        ax = axes[key]
+        dims: list[int] = []
+        if ax.plane == "sagittal":
+            dims += [-1] if ap else []
+            dims += [-3] if lr else []
+        elif ax.plane == "axial":
+            dims += [-2] if ap else []
+            dims += [-1] if lr else []
+        if dims:
+            x = np.flip(x, tuple(dims))
+        if lr and ax.lr_perm is not None:
+            x = x[list(ax.lr_perm)]
+        out[key] = np.ascontiguousarray(x) if (dims or (lr and ax.lr_perm is not None)) else x
     return out
 
 
