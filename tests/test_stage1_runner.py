@@ -33,7 +33,8 @@ def families():
 
 def test_predict_keypoints_all_families(study, families):
     kp = predict_keypoints(families, study, tta=True)
-    assert set(kp.sets) == {"sag2d_t2", "sag2d_t1", "sag3d_t2", "axial3d", "axial_level", "projection"}
+    assert set(kp.sets) == {"sag2d_t2", "sag2d_t1", "sag3d_t2", "axial3d", "axial_level", "projection",
+                            "sagittal_t2", "sagittal_t1"}
     for key, s in kp.sets.items():
         v = s.valid
         assert v.any(), key
@@ -44,9 +45,10 @@ def test_predict_keypoints_all_families(study, families):
 
 
 def test_axial_xy_refines_xy_and_keeps_level_z(study, families):
-    level_only = [fm for fm in families if fm[0].name != "axial_xy"]
+    axial_only = [fm for fm in families if fm[0].view == "axial"]  # no canal points: no level reconciliation
+    level_only = [fm for fm in axial_only if fm[0].name != "axial_xy"]
     base = predict_keypoints(level_only, study, finalize=False).get("axial_level")
-    refined = predict_keypoints(families, study, finalize=False).get("axial_level")
+    refined = predict_keypoints(axial_only, study, finalize=False).get("axial_level")
     assert base.valid.any()
     np.testing.assert_array_equal(refined.valid, base.valid)
     v = base.valid
@@ -56,7 +58,7 @@ def test_axial_xy_refines_xy_and_keeps_level_z(study, families):
     vol = study.find(int(base.series_id[v][0]), 0)
     np.testing.assert_allclose(base.voxel[v, 1:], [[(vol.shape[1] - 1) / 2, (vol.shape[2] - 1) / 2]] * int(v.sum()))
     assert not np.allclose(refined.voxel[v, 1:], base.voxel[v, 1:])
-    assert "axial_xy" in refined.source
+    assert "axial_xy" in refined.source and set(refined.origin[v]) == {"axial_level+axial_xy"}
 
 
 def test_run_folds_averages_run_outputs(study):

@@ -482,3 +482,32 @@ def test_training_lr_mirror_swaps_inputs_mask_and_labels(study, family, variant,
         a = net(fam.collate([mirrored]))
         b = net(mirror(fam.collate([plain]), fam.view_axes(), lr=True))
     torch.testing.assert_close(a, b)
+
+
+def test_fusion_crops_slice_windows_around_rule_slices_only(study):
+    """sag-2d points (slice = a rule) get the write-up's windows: T2 the slices around the
+    middle at the 10-sample spacing, T1 left / right the last / first 5 of the 10 samples;
+    points with a modelled slice get their consecutive slices."""
+    st, kps = study
+    rule = StudyKeypoints(kps.study_id, {k: v for k, v in kps.sets.items() if not k.startswith("sag3d")})
+    rule.sets["sag2d_t2"] = KeypointSet(**{**kps.sets["sag3d_t2"].__dict__, "source": "sag2d_t2", "origin": None})
+    rule.sets["sag2d_t1"] = KeypointSet(**{**kps.sets["sag3d_t1"].__dict__, "source": "sag2d_t1", "origin": None})
+    fam = make_family(entry("fusion", "default", n_slices=5, arch="test_efficientnet"))
+    modelled = fam.prepare(st, kps)[0].meta["crops"]["sag"]
+    windowed = fam.prepare(st, rule)[0].meta["crops"]["sag"]
+    t2, t1 = st.first(SAG_T2), st.first(SAG_T1)
+    for lv in range(5):
+        z = int(round(kps.sets["sag3d_t2"].voxel[lv, 0]))
+        assert sorted(modelled[0][lv].slices) == list(range(z - 2, z + 3))
+        canon = np.rint((t2.shape[0] - 1) / 2 + (np.arange(5) - 2) * (t2.shape[0] - 1) / 9)
+        src = np.rint(modelled[0][lv].orientation.to_source(np.stack([canon, 0 * canon, 0 * canon], -1))[:, 0])
+        assert sorted(windowed[0][lv].slices) == sorted(src.astype(int).tolist())
+        samples = np.arange(10) * (t1.shape[0] - 1) / 9
+        o = windowed[1][lv].orientation
+        to_src = lambda c: set(np.rint(o.to_source(np.stack([c, 0 * c, 0 * c], -1))[:, 0]).astype(int).tolist())  # noqa: E731
+        assert set(windowed[1][lv].slices) == to_src(np.rint(samples[5:]))  # left: toward patient left
+        assert set(windowed[2][lv].slices) == to_src(np.rint(samples[:5]))
+    # sag_windows off: the rule slices are cropped like any other
+    off = make_family(entry("fusion", "default", n_slices=5, arch="test_efficientnet", extra={"sag_windows": False}))
+    plain = off.prepare(st, rule)[0].meta["crops"]["sag"]
+    assert list(plain[0][0].slices) == list(modelled[0][0].slices)

@@ -52,8 +52,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 NONE_CLASS = N_LEVELS  # class index of "no level on this slice"
-#: Origin of a point whose z comes from the level classifier and (x, y) from the xy model.
-REFINED_ORIGIN = "axial_level+axial_xy"
 N_CLASSES = N_LEVELS + 1
 
 
@@ -297,6 +295,8 @@ class AxialXYFamily(PointFamily):
         src = self.source_set(keypoints)
         if src is None:
             return []
+        if keypoints is not None and src is keypoints.get("axial_level"):
+            src = self.reconciled(study, keypoints, src)
         groups: dict[tuple[int, int, int], list[int]] = {}
         vols: dict[tuple[int, int], "Volume"] = {}
         for k in np.flatnonzero(src.valid):
@@ -322,6 +322,7 @@ class AxialXYFamily(PointFamily):
                 points=np.asarray(points, np.int64),
                 z=src.voxel[points, 0].astype(np.float64),
                 confidence=src.confidence[points].astype(np.float64),
+                origin=[str(src.origin[k]).split("+")[0] for k in points],
             )
             samples.append(Sample(study.study_id, {"image": prep.image}, meta))
         return samples
@@ -333,11 +334,32 @@ class AxialXYFamily(PointFamily):
         side_voxel = sample.meta["transform"].to_voxel(u)  # [2, 3]: (slice centre z, y, x) per side
         voxel = np.full((2 * N_LEVELS, 3), np.nan)
         conf = np.zeros(2 * N_LEVELS)
-        for k, z, c in zip(sample.meta["points"], sample.meta["z"], sample.meta["confidence"]):
+        origin = np.full(2 * N_LEVELS, "", dtype=object)
+        slice_from = sample.meta.get("origin") or ["axial_level"] * len(sample.meta["points"])
+        for k, z, c, o in zip(sample.meta["points"], sample.meta["z"], sample.meta["confidence"], slice_from):
             voxel[k] = (z, *side_voxel[k // N_LEVELS, 1:])
             conf[k] = c
+            origin[k] = f"{o or 'axial_level'}+{self.name}"
         out = self.to_set("subarticular", voxel, conf, vol)
-        return replace(out, origin=np.full(len(out), REFINED_ORIGIN, dtype=object))
+        return replace(out, origin=origin)
+
+    def reconciled(self, study: "Study", keypoints: StudyKeypoints, src: KeypointSet) -> KeypointSet:
+        """The level set with its weak and wrong-level points moved onto the sagittal canal's
+        projection (`rsna_infer.stage1.assemble`), so that this model refines them on the
+        right slice (their origin then reads ``projection+axial_xy``)."""
+        from .assemble import MIN_AXIAL_CONFIDENCE, SPINAL_PREFER, projection_set, reconcile_levels
+
+        canal = keypoints.best("spinal", prefer=SPINAL_PREFER)
+        if canal is None or not canal.valid.any():
+            return src
+        proj = projection_set(study, canal, sagittal_fallback=False)
+        weak = src.valid & (src.confidence < MIN_AXIAL_CONFIDENCE) & proj.valid
+        src = src.take_points(weak | (~src.valid & proj.valid), proj)
+        out, moved = reconcile_levels(study, src, canal, proj)
+        if moved:
+            logger.info("study %s: axial level points %s moved to the sagittal canal's level before the xy model",
+                        study.study_id, moved)
+        return out
 
     def targets(self, sample: Sample, study: "Study", truth: StudyKeypoints) -> dict[str, np.ndarray] | None:
         t = truth.get(truth_key("subarticular"))

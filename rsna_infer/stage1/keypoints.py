@@ -25,6 +25,15 @@ import numpy as np
 from ..constants import N_LEVELS, SIDES
 
 POINT_KINDS: dict[str, int] = {"spinal": N_LEVELS, "foraminal": 2 * N_LEVELS, "subarticular": 2 * N_LEVELS}
+#: Sets whose points' slice is a rule, not a model's output (sag-2d: the stack's middle, or
+#: a fixed distance from it): graders may crop a window of slices around such points.
+RULE_SLICE_SETS: tuple[str, ...] = ("sag2d_t2", "sag2d_t1")
+
+
+def slice_source(origin: str) -> str:
+    """The set that placed a point's slice: the first name of its origin (a refined point's
+    origin names the slice's set first, e.g. ``"sag3d_t2+sag2d_t2"``)."""
+    return str(origin).split("+")[0]
 
 
 def point_index(kind: str, level: int, side: int | None = None) -> int:

@@ -61,6 +61,7 @@ class CropContext:
         n_slices: int,
         out_size: tuple[int, int],
         crop_mm: float,
+        slice_positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, CropInfo]:
         unit_fn = None
         if self.rng is not None:
@@ -68,11 +69,13 @@ class CropContext:
             crop_mm = crop_mm * self.augment.crop_scale(self.rng)
             unit_fn = self.augment.intensity_fn(self.rng)
         return crop_2d5(
-            volume, zyx, n_slices, out_size, crop_mm=crop_mm, norm=self.norm, bounds=self.bounds(volume), unit_transform=unit_fn
+            volume, zyx, n_slices, out_size, crop_mm=crop_mm, norm=self.norm, bounds=self.bounds(volume), unit_transform=unit_fn,
+            slice_positions=slice_positions,
         )
 
-    def crop_located(self, loc: Located, n_slices: int, out_size: tuple[int, int], crop_mm: float) -> tuple[np.ndarray, CropInfo]:
-        return self.crop(loc.volume, loc.zyx, n_slices, out_size, crop_mm)
+    def crop_located(self, loc: Located, n_slices: int, out_size: tuple[int, int], crop_mm: float,
+                     slice_positions: np.ndarray | None = None) -> tuple[np.ndarray, CropInfo]:
+        return self.crop(loc.volume, loc.zyx, n_slices, out_size, crop_mm, slice_positions)
 
 
 class GradingBase(GradingFamily):

@@ -40,6 +40,7 @@ from ..backbones import create_backbone
 from ..constants import AXIAL_T2, N_CLASSES, N_LEVELS, SAG_T1, SAG_T2
 from ..family import Sample
 from ..options import ExtraOptions, Options, option
+from ..stage1.assemble import DEFAULT_PREFER
 from ..stage1.keypoints import POINT_KINDS, KeypointSet
 from .base import GradingBase, GradingOptions
 from .crops import locate_point
@@ -94,11 +95,7 @@ class RoiFamily(GradingBase):
     VARIANTS: ClassVar[tuple[str, ...]] = ("spinal", "foraminal", "subarticular")
     options_type: ClassVar[type[Options]] = RoiOptions
     input_options_type: ClassVar[type[ExtraOptions]] = RoiInput
-    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = {
-        "spinal": ("sag3d_t2", "sag2d_t2"),
-        "foraminal": ("sag3d_t1", "sag2d_t1"),
-        "subarticular": ("axial_level", "axial3d", "projection"),
-    }
+    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = dict(DEFAULT_PREFER)
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
