@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from stage1_fixtures import axial, entry, make_volume, sagittal, study_of, truth_for
+from stage1_fixtures import axial, entry, make_volume, mirror_volume, sagittal, study_of, truth_for
 from torch import nn
 
 from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
@@ -345,3 +345,33 @@ def test_series_types_read():
     assert fams["sag2d_t2"].series_type == SAG_T2 and fams["sag2d_t1"].series_type == SAG_T1
     study = _study()
     assert {s.meta["series_id"] for s in fams["axial3d"].prepare(study)} == {v.series_id for v in study.get(AXIAL_T2)}
+
+
+def test_sag2d_old_n_slices_meaning_reads_as_sampled_slices():
+    """Older manifests said ``n_slices: 10`` for the 10 sampled slices; the new names are
+    ``n_slices`` = ``in_chans`` (slices per input) and ``extra.sampled_slices``."""
+    old = make_family(entry("sag2d", "t2", n_slices=10, in_chans=3))
+    new = make_family(entry("sag2d", "t2", n_slices=3, in_chans=3, extra={"sampled_slices": 10}))
+    default = make_family(entry("sag2d", "t2", n_slices=3, in_chans=3))
+    assert old.sampled_slices == new.sampled_slices == default.sampled_slices == 10
+    np.testing.assert_allclose(old.channel_positions(17)[0], new.channel_positions(17)[0])
+    study = _study()
+    np.testing.assert_array_equal(old.prepare(study)[0].inputs["image"], new.prepare(study)[0].inputs["image"])
+    with pytest.raises(SpecError, match="sampled_slices"):
+        make_family(entry("sag2d", "t2", n_slices=5, in_chans=3, extra={"sampled_slices": 10}))
+
+
+@pytest.mark.parametrize("n_total", [9, 10, 17, 18])
+def test_sag2d_channels_are_symmetric_and_a_mirrored_stack_reverses_them(n_total):
+    fam = make_family(entry("sag2d", "t2", n_slices=3, in_chans=3))
+    pos, centre = fam.channel_positions(n_total)
+    assert centre == (n_total - 1) / 2
+    np.testing.assert_allclose(pos[::-1], (n_total - 1) - pos)  # mirror image of itself
+    np.testing.assert_allclose(np.diff(pos), (n_total - 1) / 9)  # the 10-sample spacing
+    # a stack mirrored left/right in patient coordinates: same pixels, the channels reversed
+    vol = sagittal((n_total, 64, 64), series_id=10)
+    mirrored = mirror_volume(vol)
+    assert np.allclose(mirrored.pixels, vol.pixels[::-1])
+    a = fam.prepare(study_of(vol))[0].inputs["image"]
+    b = fam.prepare(study_of(mirrored))[0].inputs["image"]
+    np.testing.assert_allclose(b, a[::-1], atol=1e-6)
