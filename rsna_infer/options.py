@@ -134,3 +134,11 @@ class ExtraOptions(Options):
     section: ClassVar[str] = "input.extra"
 
     aug: dict | None = option(None, "training augmentation (fields: see the family's augmentation spec)")
+
+
+def markdown_table(cls: type[Options]) -> str:
+    """The options of ``cls`` as a markdown table (name, default, what it does), for docs."""
+    rows = ["| option | default | |", "|---|---|---|"]
+    for name, (default, doc) in cls.describe().items():
+        rows.append(f"| `{name}` | `{default!r}` | {doc} |")
+    return "\n".join(rows)

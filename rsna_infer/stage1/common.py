@@ -48,6 +48,7 @@ class PointOptions(Options):
                        "heatmap -> soft-argmax (sub-pixel, better for several points)", choices=POINT_HEADS)
     heatmap_stride: int = option(4, "heatmap head: finest backbone stride used (the heatmap's cell size)")
     heatmap_width: int = option(32, "heatmap head: channels of the feature pyramid")
+    spread_weight: float = option(1.0, "heatmap head: weight of the loss on each heatmap's spread (keeps them peaked)")
     dropout: float = option(0.0, "dropout before the head")
     confidence: float | None = option(None, "confidence of a fully visible point (None: the family's default)")
     coord_weight: float = option(10.0, "weight of the smooth-L1 coordinate loss")
@@ -60,7 +61,7 @@ class PointOptions(Options):
         self.need(self.confidence is None or 0.0 < self.confidence <= 1.0,
                   f"confidence must be in (0, 1], got {self.confidence}")
         self.need(self.heatmap_stride >= 1 and self.heatmap_width >= 1, "heatmap_stride and heatmap_width must be >= 1")
-        for key in ("coord_weight", "vis_weight", "beta"):
+        for key in ("coord_weight", "vis_weight", "beta", "spread_weight"):
             self.need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
 
 
@@ -268,7 +269,8 @@ class PointFamily(Stage1Family):
 
     # -- training -------------------------------------------------------------------------
     def loss(self, output: "torch.Tensor", targets: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-        """Smooth-L1 on the available coordinates + BCE on visibility (where the truth is known)."""
+        """Smooth-L1 on the available coordinates + BCE on visibility (where the truth is known)
+        + the heatmap head's spread (its training output's last columns) on labelled points."""
         import torch.nn.functional as F
 
         a = len(self.coord_axes)
@@ -281,6 +283,10 @@ class PointFamily(Stage1Family):
             vm = targets["vis_mask"].float()
             bce = F.binary_cross_entropy_with_logits(out[..., a], targets["vis"].float(), reduction="none")
             loss = loss + o.vis_weight * (bce * vm).sum() / vm.sum().clamp(min=1.0)
+        n_spread = out.shape[-1] - a - int(self.visibility)
+        if n_spread == a and o.spread_weight > 0:
+            spread = out[..., -a:].sum(-1)
+            loss = loss + o.spread_weight * (spread * m).sum() / (m.sum() * a).clamp(min=1.0)
         return loss
 
     # -- helpers for decode / targets ---------------------------------------------------

@@ -48,7 +48,9 @@ class HeatmapPointRegressor(nn.Module):
     the softmax-weighted mean of the cell centres ``(j + 0.5) / n``, i.e. normalised like every
     point family's ``u`` (sub-cell precision, exactly mirror-equivariant). The visibility logit
     comes from the globally pooled deepest map. A zero-initialised last layer starts every point
-    at the input's centre.
+    at the input's centre. In training mode the output also carries each heatmap's standard
+    deviation per axis (normalised units) after the visibility: the loss keeps the heatmaps
+    peaked, since the mean of a broad one is pulled toward the map's centre (as in DSNT).
     """
 
     def __init__(self, backbone: nn.Module, n_points: int, dims: int, visibility: bool, width: int = 32,
@@ -76,16 +78,22 @@ class HeatmapPointRegressor(nn.Module):
             x = x + nn.functional.interpolate(lat(f), size=size, mode=mode, align_corners=False)
         heat = self.heat(self.mix(x)).flatten(2).float()  # [B, P, cells]
         prob = torch.softmax(heat, dim=-1).view(heat.shape[0], self.n_points, *size)
-        coords = []
+        coords, spread = [], []
         for axis, n in enumerate(size):  # marginal along each axis -> expected cell centre
             other = tuple(d for d in range(2, 2 + self.dims) if d != 2 + axis)
             marginal = prob.sum(dim=other)  # [B, P, n]
             centres = (torch.arange(n, device=heat.device, dtype=heat.dtype) + 0.5) / n
-            coords.append((marginal * centres).sum(-1))
+            mean = (marginal * centres).sum(-1)
+            coords.append(mean)
+            if self.training:
+                var = (marginal * (centres - mean[..., None]) ** 2).sum(-1)
+                spread.append(torch.sqrt(var + 1e-8))
         out = torch.stack(coords, dim=-1)
         if self.vis is not None:
             pooled = feats[-1].flatten(2).mean(-1)
             out = torch.cat([out, self.vis(pooled).float()[..., None]], dim=-1)
+        if spread:
+            out = torch.cat([out, torch.stack(spread, dim=-1)], dim=-1)
         return out
 
 
