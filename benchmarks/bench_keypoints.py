@@ -10,13 +10,13 @@
    numbers, mixed matrix sizes, mixed transfer syntaxes, dropped optional tags, stray and
    truncated files; a missing series is left out because it makes some points unknowable).
 2. Runs `rsna_infer.predict` and compares the merged keypoints of ``run_report.json``
-   (``best/<kind>``) with the phantom's true 3-D points: per kind the mean, median, p90 and
-   max distance (mm), the through-plane part (along patient x for the sagittal kinds, along
-   patient z for the axial one, i.e. roughly along the slice normal), the fraction of true
-   points predicted, and which sets the points came from (per-point provenance).
+   (``best/<kind>``) with the phantom's true 3-D points (`rsna_infer.demo.keypoint_stats`): per
+   kind the mean, median, p90 and max distance (mm), the through-plane part (along patient x
+   for the sagittal kinds, along patient z for the axial one, i.e. roughly along the slice
+   normal), the fraction of true points predicted, and which sets the points came from.
 3. With ``--mirror``: writes the same studies mirrored left<->right in patient coordinates
-   (every DICOM's ImagePositionPatient and ImageOrientationPatient x components negated: the
-   pixels are untouched, the anatomy is mirrored), predicts them too, and prints the mean
+   (`rsna_infer.demo.mirror_root`: every DICOM's ImagePositionPatient and ImageOrientationPatient
+   x components negated, pixels untouched), predicts them too, and prints the mean
    |p_mirrored - p_original| over the sided rows (foraminal, subarticular) with left/right
    rows swapped and unswapped. A model that grades the mirror as the mirror of the original
    has a swapped figure near 0; the issue-14 target is swapped <= 0.3 x unswapped.
@@ -29,15 +29,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
@@ -55,83 +51,6 @@ REALISM: dict[str, Any] = {
     "truncated_file_rate": 0.1,
     "stray_file_rate": 0.1,
 }
-THROUGH_AXIS = {"spinal": 0, "foraminal": 0, "subarticular": 2}  # patient axis ~ the slice normal
-
-
-def keypoint_stats(report: dict[str, Any], truth: dict[int, dict[str, np.ndarray]]) -> dict[str, dict[str, Any]]:
-    """Per kind: error percentiles (mm), through-plane mean, found fraction, point origins."""
-    out: dict[str, dict[str, Any]] = {}
-    for kind, axis in THROUGH_AXIS.items():
-        d, through, found, origins = [], [], [], Counter()
-        for sid, rec in report.get("studies", {}).items():
-            true = truth.get(int(sid), {}).get(kind)
-            if true is None:
-                continue
-            best = rec.get("keypoints", {}).get(f"best/{kind}")
-            for i, t in enumerate(true):
-                if not np.all(np.isfinite(t)):
-                    continue
-                w = None if best is None else best["world"][i]
-                found.append(w is not None)
-                if w is None:
-                    continue
-                diff = np.asarray(w, np.float64) - t
-                d.append(float(np.linalg.norm(diff)))
-                through.append(abs(float(diff[axis])))
-                origin = (best.get("origin") or [best.get("source", "?")] * len(true))[i]
-                origins[origin] += 1
-        if not found:
-            continue
-        a = np.asarray(d) if d else np.full(1, np.nan)
-        out[kind] = {
-            "mean_mm": float(a.mean()), "p50_mm": float(np.percentile(a, 50)), "p90_mm": float(np.percentile(a, 90)),
-            "max_mm": float(a.max()), "through_mm": float(np.mean(through)) if through else float("nan"),
-            "found": float(np.mean(found)), "n": len(found), "origin": dict(origins.most_common()),
-        }
-    return out
-
-
-def mirror_root(src: Path, dst: Path, split: str = "test") -> None:
-    """Copy the Kaggle-layout root ``src`` to ``dst`` with every study mirrored left<->right in
-    patient coordinates (x -> -x of positions and of both in-plane directions)."""
-    import pydicom
-
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(f"{split}_images"))
-    for f in sorted((src / f"{split}_images").rglob("*.dcm")):
-        out = dst / f.relative_to(src)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            ds = pydicom.dcmread(f)
-            ipp = [float(v) for v in ds.ImagePositionPatient]
-            iop = [float(v) for v in ds.ImageOrientationPatient]
-        except Exception:  # broken or stray files stay as they are
-            shutil.copy2(f, out)
-            continue
-        ipp[0] = -ipp[0]
-        iop[0], iop[3] = -iop[0], -iop[3]
-        ds.ImagePositionPatient = [round(v, 6) for v in ipp]
-        ds.ImageOrientationPatient = [round(v, 8) for v in iop]
-        ds.save_as(out, enforce_file_format=False)
-
-
-def mirror_figures(sub: "Any", sub_m: "Any") -> dict[str, float]:
-    """Mean |p_mirror - p_original| over the sided rows, with left/right swapped and not."""
-    from rsna_infer.constants import CLASSES
-
-    p = sub.set_index("row_id")[list(CLASSES)]
-    q = sub_m.set_index("row_id")[list(CLASSES)]
-    sided = [r for r in p.index if ("_left_" in r or "_right_" in r)]
-    swap = {r: r.replace("_left_", "_@_").replace("_right_", "_left_").replace("_@_", "_right_") for r in sided}
-    a = p.loc[sided].to_numpy()
-    same = float(np.abs(q.loc[sided].to_numpy() - a).mean())
-    swapped = float(np.abs(q.loc[[swap[r] for r in sided]].to_numpy() - a).mean())
-    spinal = [r for r in p.index if r not in swap]
-    return {"swapped": swapped, "unswapped": same, "ratio": swapped / same if same > 0 else float("nan"),
-            "spinal": float(np.abs(q.loc[spinal].to_numpy() - p.loc[spinal].to_numpy()).mean())}
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--studies", type=int, default=30)
@@ -150,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     from rsna_infer import predict
-    from rsna_infer.demo import check_demo_weights, load_settings
+    from rsna_infer.demo import check_demo_weights, keypoint_stats, load_settings, mirror_figures, mirror_root
     from rsna_infer.synth import load_keypoints_world, make_dataset
 
     man = check_demo_weights(args.manifest)
