@@ -49,8 +49,10 @@ class HeatmapPointRegressor(nn.Module):
     point family's ``u`` (sub-cell precision, exactly mirror-equivariant). The visibility logit
     comes from the globally pooled deepest map. A zero-initialised last layer starts every point
     at the input's centre. In training mode the output also carries each heatmap's standard
-    deviation per axis (normalised units) after the visibility: the loss keeps the heatmaps
-    peaked, since the mean of a broad one is pulled toward the map's centre (as in DSNT).
+    deviation per axis beyond one cell (normalised units) after the visibility: the loss keeps
+    the heatmaps peaked, since the mean of a broad one is pulled toward the map's centre (as in
+    DSNT), but not sharper than about a cell, which would round the mean to cell centres on a
+    coarse axis (the depth of a 3-D map).
     """
 
     def __init__(self, backbone: nn.Module, n_points: int, dims: int, visibility: bool, width: int = 32,
@@ -85,9 +87,9 @@ class HeatmapPointRegressor(nn.Module):
             centres = (torch.arange(n, device=heat.device, dtype=heat.dtype) + 0.5) / n
             mean = (marginal * centres).sum(-1)
             coords.append(mean)
-            if self.training:
+            if self.training:  # spread beyond one cell (a peak between two cells is fine: sub-cell precision)
                 var = (marginal * (centres - mean[..., None]) ** 2).sum(-1)
-                spread.append(torch.sqrt(var + 1e-8))
+                spread.append(torch.relu(torch.sqrt(var + 1e-8) - 1.0 / n))
         out = torch.stack(coords, dim=-1)
         if self.vis is not None:
             pooled = feats[-1].flatten(2).mean(-1)

@@ -50,6 +50,16 @@ class ViewAxes:
             raise ValueError(f"plane must be one of {PLANES} or None, got {self.plane!r}")
 
 
+def flip_dims(plane: str | None, ap: bool, lr: bool) -> list[int]:
+    """Trailing dims of a ``[..., slices, rows, cols]`` crop of ``plane`` that a patient mirror
+    reverses: ``ap`` sagittal columns / axial rows; ``lr`` sagittal slices / axial columns."""
+    if plane == "sagittal":
+        return ([-1] if ap else []) + ([-3] if lr else [])
+    if plane == "axial":
+        return ([-2] if ap else []) + ([-1] if lr else [])
+    return []
+
+
 def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool = False, lr: bool = False) -> dict[str, torch.Tensor]:
     """The batch as seen with the patient mirrored ``ap`` and/or ``lr`` (new tensors)."""
     import torch
@@ -59,13 +69,7 @@ def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool =
         if key not in axes:
             raise KeyError(f"batch entry {key!r} has no flip axes declared; known: {sorted(axes)}")
         ax = axes[key]
-        dims: list[int] = []
-        if ax.plane == "sagittal":
-            dims += [-1] if ap else []
-            dims += [-3] if lr else []
-        elif ax.plane == "axial":
-            dims += [-2] if ap else []
-            dims += [-1] if lr else []
+        dims = flip_dims(ax.plane, ap, lr)
         if dims:
             x = torch.flip(x, dims)
         if lr and ax.lr_perm is not None:
@@ -81,18 +85,13 @@ def mirror_sample(inputs: dict[str, np.ndarray], axes: dict[str, ViewAxes], ap: 
     out = {}
     for key, x in inputs.items():
         ax = axes[key]
-        dims: list[int] = []
-        if ax.plane == "sagittal":
-            dims += [-1] if ap else []
-            dims += [-3] if lr else []
-        elif ax.plane == "axial":
-            dims += [-2] if ap else []
-            dims += [-1] if lr else []
+        dims = flip_dims(ax.plane, ap, lr)
+        permute = lr and ax.lr_perm is not None
         if dims:
             x = np.flip(x, tuple(dims))
-        if lr and ax.lr_perm is not None:
+        if permute:
             x = x[list(ax.lr_perm)]
-        out[key] = np.ascontiguousarray(x) if (dims or (lr and ax.lr_perm is not None)) else x
+        out[key] = np.ascontiguousarray(x) if (dims or permute) else x
     return out
 
 
