@@ -41,6 +41,7 @@ if str(REPO) not in sys.path:
 
 #: Realism switches of the benchmark phantom (on top of the demo weights' phantom options).
 REALISM: dict[str, Any] = {
+    "missing_series_rate": 0.0,  # a study without, say, T2 has spinal points no model can see
     "second_axial_rate": 0.3,
     "multi_stack_rate": 0.3,
     "flipped_axes_rate": 0.3,

@@ -257,7 +257,7 @@ def test_merge_sagittal_takes_the_3d_slice_refines_in_plane_and_fills_gaps():
     plain = merge_sagittal(study, kp, "spinal", refine_weight=0.0)
     np.testing.assert_allclose(plain.world[:4], s3_world[:4])
     assert plain.origin.tolist() == ["sag3d_t2"] * 4 + ["sag2d_t2"] and plain.source == "sag3d_t2+sag2d_t2"
-    far = world_set("spinal", truth + np.array([0.0, 0.0, 30.0]), sag, source="sag2d_t2")
+    far = world_set("spinal", truth + np.array([0.0, 0.0, 60.0]), sag, source="sag2d_t2")
     m = merge_sagittal(study, StudyKeypoints(1, {"sag3d_t2": s3, "sag2d_t2": far}), "spinal")
     np.testing.assert_allclose(m.world[:4], s3_world[:4])  # too far apart: not the same point
     out = finalize(study, kp)

@@ -53,10 +53,10 @@ MAX_LEVEL_MM = 12.0
 #: Sagittal merge: in-plane refinement of a sag-3d point toward the sag-2d one (0 = none, 1 =
 #: the sag-2d position: a 2-D model sees its slice at full resolution, a 3-D one resamples the
 #: whole stack, so sag-2d's in-plane error is the smaller one, 2.6 vs 6.7 mm on the demo
-#: phantoms) and the largest in-plane disagreement that still counts as the same point (less
-#: than the 30-45 mm between lumbar discs).
+#: phantoms) and the largest in-plane disagreement that still counts as the same point (when
+#: the two disagree by a disc or more, the 2-D model is still the likelier one to be right).
 REFINE_WEIGHT = 1.0
-REFINE_MAX_MM = 20.0
+REFINE_MAX_MM = 50.0
 #: Merged sagittal set of each kind, and the sets it merges (3-D first: it places the slice).
 SAGITTAL_SETS: dict[str, tuple[str, str, str]] = {
     "spinal": ("sagittal_t2", "sag3d_t2", "sag2d_t2"),
@@ -123,6 +123,15 @@ def merge_sagittal(
         voxel[i] = vol.to_voxel(world[i])
         origin[i] = f"{key3}+{key2}"
     return KeypointSet.from_points(kind, world, voxel, out.series_id, out.stack_index, out.confidence, origin)
+
+
+def canal_points(study: "Study", keypoints: StudyKeypoints, spinal_prefer: tuple[str, ...] = SPINAL_PREFER) -> KeypointSet | None:
+    """The canal points the axial keypoints are checked against: the merged sagittal spinal set
+    (`merge_sagittal`) where it can be built, else the best spinal set."""
+    merged = merge_sagittal(study, keypoints, "spinal")
+    if merged is not None and "sagittal_t2" not in keypoints.sets:
+        keypoints = StudyKeypoints(keypoints.study_id, {**keypoints.sets, "sagittal_t2": merged})
+    return keypoints.best("spinal", prefer=spinal_prefer)
 
 
 def reconcile_levels(

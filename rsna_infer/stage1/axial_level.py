@@ -347,9 +347,9 @@ class AxialXYFamily(PointFamily):
         """The level set with its weak and wrong-level points moved onto the sagittal canal's
         projection (`rsna_infer.stage1.assemble`), so that this model refines them on the
         right slice (their origin then reads ``projection+axial_xy``)."""
-        from .assemble import MIN_AXIAL_CONFIDENCE, SPINAL_PREFER, projection_set, reconcile_levels
+        from .assemble import MIN_AXIAL_CONFIDENCE, canal_points, projection_set, reconcile_levels
 
-        canal = keypoints.best("spinal", prefer=SPINAL_PREFER)
+        canal = canal_points(study, keypoints)  # the sagittal merge finalize will make
         if canal is None or not canal.valid.any():
             return src
         proj = projection_set(study, canal, sagittal_fallback=False)
