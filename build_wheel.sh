@@ -9,12 +9,14 @@
 #   !pip install --no-index --find-links /kaggle/input/<dataset>/wheels "rsna-infer[dicom]"
 #
 # Usage: ./build_wheel.sh [-h] [--no-download] [--manifest NAME] [WEIGHTS_DIR [OUT_DIR]]
-#   WEIGHTS_DIR  directory holding the manifest and the files it lists (default rsna_infer/demo/)
+#   WEIGHTS_DIR  directory holding the manifest and the files it lists (default rsna_infer/demo/);
+#                `rsna-infer train --merge ... --out DIR` writes such a directory, taken as is
 #   OUT_DIR      where the bundle goes (default dist/bundle; its wheels/ and weights/ are replaced)
 #   --manifest   manifest file name inside WEIGHTS_DIR (default weights_manifest.json, else the
 #                only *.json there)
 #   --no-download  skip fetching third-party wheels (offline rebuild of our wheel + weights)
-# Environment: PYTHON (default python3), KAGGLE_PYTHON_VERSION (default 3.12),
+# Environment: PYTHON (default python3), KAGGLE_PYTHON_VERSION (default 3.12), BUNDLE_NO_DOWNLOAD=1
+#   (same as --no-download),
 #   KAGGLE_PLATFORMS (space-separated wheel platform tags Kaggle's glibc accepts; default every
 #   manylinux tag up to glibc 2.35, Kaggle's Ubuntu 22.04 base: pip download matches the tags
 #   given literally, and e.g. pylibjpeg-libjpeg 2.5.0 ships only manylinux_2_31/2_34 wheels).
@@ -26,6 +28,7 @@ PYTHON=${PYTHON:-python3}
 PY_VERSION=${KAGGLE_PYTHON_VERSION:-3.12}
 read -r -a PLATFORMS <<<"${KAGGLE_PLATFORMS:-manylinux2014_x86_64 manylinux_2_17_x86_64 manylinux_2_28_x86_64 manylinux_2_31_x86_64 manylinux_2_34_x86_64 manylinux_2_35_x86_64}"
 DOWNLOAD=1
+if [[ "${BUNDLE_NO_DOWNLOAD:-0}" == 1 ]]; then DOWNLOAD=0; fi
 MANIFEST_NAME=""
 POSITIONAL=()
 while [[ $# -gt 0 ]]; do
@@ -64,9 +67,11 @@ fi
 
 # Every file the manifest names must lie inside the weights directory (so the copy is
 # complete) and match its sha256 when one is given: a wrong bundle fails here, not on Kaggle.
-"$PYTHON" - "$WEIGHTS_DIR" "$MANIFEST_NAME" <<'PY'
+# Weights whose sha256 is one of the packaged demo weights' are reported as DEMO wherever
+# they were copied (phantom-trained; meaningless on real MRI).
+"$PYTHON" - "$WEIGHTS_DIR" "$MANIFEST_NAME" "$REPO/rsna_infer/demo/weights_manifest.json" <<'PY'
 import hashlib, json, os, sys
-root, name = sys.argv[1], sys.argv[2]
+root, name, demo_manifest = sys.argv[1], sys.argv[2], sys.argv[3]
 with open(os.path.join(root, name)) as fh:
     manifest = json.load(fh)
 entries = []
@@ -81,6 +86,11 @@ def walk(node):
             walk(value)
 walk(manifest)
 problems = []
+demo_hashes = set()
+if os.path.isfile(demo_manifest):
+    with open(demo_manifest) as fh:
+        demo_hashes = {m.get("sha256") for m in json.load(fh).get("models", []) if m.get("sha256")}
+demo = []
 for entry in entries:
     rel = entry["file"]
     path = os.path.normpath(os.path.join(root, rel))
@@ -95,9 +105,15 @@ for entry in entries:
                 digest.update(block)
         if digest.hexdigest() != entry["sha256"]:
             problems.append(f"{rel}: sha256 {digest.hexdigest()} does not match the manifest's {entry['sha256']}")
+        elif digest.hexdigest() in demo_hashes:
+            demo.append(entry.get("name", rel))
 if problems:
     sys.exit("build_wheel.sh: manifest " + name + ":\n  " + "\n  ".join(problems))
 print(f"manifest {name}: {len(entries)} weight file(s) present" + (", hashes match" if entries else ""))
+if demo:
+    print(f"build_wheel.sh: NOTE: {len(demo)} of {len(entries)} model(s) are the packaged DEMO weights (by sha256): "
+          "trained on phantoms, meaningless on real MRI: " + ", ".join(demo[:8]) + (" ..." if len(demo) > 8 else ""),
+          file=sys.stderr)
 PY
 
 mkdir -p "$OUT_DIR"

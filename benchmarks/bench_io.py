@@ -7,19 +7,22 @@ Writes a phantom test set in the Kaggle layout (three series per study, Kaggle-l
 two sagittal series of 17 slices at 384x384 and an axial series of 40 slices at 320x320,
 about 18 MB of DICOM per study, realistic header size), warms the page cache, then times
 each mode round-robin; the best of ``--repeats`` runs is reported as studies/s and MB/s of DICOM read,
-and as a ratio to the floor. ``--source synth`` benchmarks `rsna_infer.synth.make_dataset`
-studies (test split, default options) instead; ``--root`` re-uses an existing Kaggle-layout
-root.
+and as a ratio to the floor. Then the peak memory of `load_study` on the first study
+(tracemalloc: every Python and numpy allocation), as a multiple of the float32 volumes it
+returns. ``--source synth`` benchmarks `rsna_infer.synth.make_dataset` studies (test split,
+default options) instead; ``--root`` re-uses an existing Kaggle-layout root.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import gc
 import statistics
 import sys
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -93,6 +96,17 @@ def _load_seq(ref):
     return load_study(ref, parallel="sequential")
 
 
+def peak_memory(fn: Callable[[], object]) -> tuple[float, object]:
+    """(peak traced bytes while ``fn`` runs, its result); allocations before it do not count."""
+    gc.collect()
+    tracemalloc.start()
+    try:
+        out = fn()
+        return float(tracemalloc.get_traced_memory()[1]), out
+    finally:
+        tracemalloc.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--root", type=Path, help="existing Kaggle-layout root (default: write phantoms)")
@@ -155,6 +169,11 @@ def main(argv: list[str] | None = None) -> int:
             times[name].append(time.perf_counter() - t)
             cpu[name].append(time.process_time() - c)
     rows = [(name, min(ts), statistics.median(ts), min(cpu[name])) for name, ts in times.items()]
+    memory = []
+    for name, fn in (("sequential", lambda: _load_seq(refs[0])),
+                     (f"threads x{args.workers}", lambda: load_study(refs[0], executor=thread_pool))):
+        peak, study = peak_memory(fn)
+        memory.append((name, peak, study.nbytes()))
     thread_pool.shutdown()
     process_pool.shutdown()
     study_pool.shutdown()
@@ -165,6 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         # CPU time of this process (all its threads); worker processes are not counted
         cpu_txt = f"{cpu_s / len(files) * 1e3:11.3f}" if "process" not in name else f"{'-':>11}"
         print(f"{name:<52} {n / best:9.2f} {mb / best:7.1f} {best:7.3f} {med:8.3f} {floor / best:7.2f}x {cpu_txt}")
+    print("\npeak memory of load_study on one study (tracemalloc), against the float32 volumes it returns:")
+    for name, peak, vol in memory:
+        print(f"  {name:<14} peak {peak / 1e6:7.1f} MB, volumes {vol / 1e6:7.1f} MB = {peak / vol:.2f}x")
     if tmp is not None:
         tmp.cleanup()
     return 0

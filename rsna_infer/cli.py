@@ -16,10 +16,14 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rsna_infer.demo", "phantom test set -> predict with the demo weights -> score vs baselines"),
     "predict": ("rsna_infer.predictor", "write submission.csv for a Kaggle-layout test root"),
+    "show": ("rsna_infer.viz.show", "QA page of one study: model inputs with keypoints, crops, probabilities"),
     "score": ("rsna_infer.metric", "score a submission CSV against train.csv-style labels"),
     "synth": ("rsna_infer.synth", "write phantom lumbar-spine studies in the Kaggle layout"),
     "manifest": ("rsna_infer.manifest", "add, verify or summarise a weights manifest"),
-    "train": ("rsna_infer.train.cli", "train one model family on one fold"),
+    "estimate": ("rsna_infer.estimate", "project a manifest's run time per GPU kind; what to shed to fit 9 h"),
+    "cache": ("rsna_infer.train.cache", "decode every training study into the training cache (in parallel)"),
+    "folds": ("rsna_infer.train.folds", "write the one study-level fold split every model of the ensemble shares"),
+    "train": ("rsna_infer.train.cli", "train one model on some folds; merge manifests; out-of-fold keypoints"),
     "fit-blend": ("rsna_infer.train.blend", "fit per-group blend weights on out-of-fold logits"),
 }
 

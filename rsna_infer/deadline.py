@@ -12,10 +12,17 @@ Plans form a fixed ladder, cheapest last:
 
 The guard only moves down the ladder (no oscillation). When even the cheapest plan cannot
 finish the next studies in time, those studies get prior rows without being read
-(`admit`). Cost model per study: a fixed part (reading, decoding, preprocessing, stage-2
+(`admit`; `give_up` when the caller runs out of time waiting). Before the first
+measurement nothing is known, so the predictor runs a one-study probe chunk first; every
+decision is logged (the first projection and each change at INFO/WARNING, the rest at
+DEBUG) and every change recorded in ``events``. Cost model per study: a fixed part (reading, decoding, preprocessing, stage-2
 cropping; measured as the chunk's wall time minus its model time) plus each active member's
 measured model time; a member never measured without TTA is assumed to cost
-1/`TTA_COST_FACTOR` of its TTA cost. All times come from an injectable ``clock``.
+1/`TTA_COST_FACTOR` of its TTA cost. With streamed members (`rsna_infer.memory`) moving a
+member's weights to the device is a cost per *chunk*, not per study: it is measured per
+member and spread over ``chunk_studies`` (a one-study probe chunk would otherwise make it
+look 16 times dearer), and shedding a member saves its loads too. All times come from an
+injectable ``clock``.
 """
 
 from __future__ import annotations
@@ -120,12 +127,15 @@ class DeadlineGuard:
     clock: Callable[[], float] = time.monotonic
     start: float | None = None
     reserve_s: float | None = None
+    chunk_studies: int = 16  # studies per chunk of the run: what a per-chunk cost is spread over
     level: int = 0
     events: list[ShedEvent] = field(default_factory=list)
     studies_done: int = 0
     skipped: int = 0
     _fixed: _Cost = field(default_factory=_Cost)
     _member: dict[tuple[str, bool], _Cost] = field(default_factory=dict)
+    _load: dict[str, _Cost] = field(default_factory=dict)  # streamed: seconds per chunk moving a member in
+    _projected: bool = False  # the first projection was logged
 
     def __post_init__(self) -> None:
         if not (self.budget_s > 0 and math.isfinite(self.budget_s)):
@@ -143,22 +153,40 @@ class DeadlineGuard:
 
     @property
     def deadline(self) -> float:
+        """When the models should be done: the budget less the reserve."""
         return float(self.start) + self.budget_s - float(self.reserve_s)
+
+    @property
+    def hard_deadline(self) -> float:
+        """When waiting for anything must stop: the budget less a quarter of the reserve
+        (writing the CSV and the report takes seconds)."""
+        return float(self.start) + self.budget_s - 0.25 * float(self.reserve_s)
+
+    @property
+    def measured(self) -> bool:
+        """Whether a chunk has been observed (costs are known)."""
+        return self._fixed.per_study is not None
 
     def elapsed(self) -> float:
         return self.clock() - float(self.start)
 
     # -- measurements ---------------------------------------------------------------------
-    def observe(self, n_studies: int, wall_s: float, member_s: dict[str, float], tta: bool, n_devices: int = 1) -> None:
+    def observe(self, n_studies: int, wall_s: float, member_s: dict[str, float], tta: bool, n_devices: int = 1,
+                load_s: dict[str, float] | None = None) -> None:
         """Record one finished chunk: ``wall_s`` from the caller's clock, ``member_s`` model
         seconds per member (summed over its batches; divided by ``n_devices`` when chunks run
-        on several devices at once)."""
+        on several devices at once), ``load_s`` seconds spent moving streamed members' weights
+        to the device (per member, once per chunk)."""
         if n_studies <= 0:
             return
+        load_s = load_s or {}
         model = sum(member_s.values()) / n_devices
-        self._fixed.add(max(0.0, wall_s - model), n_studies)
+        loads = sum(load_s.values()) / n_devices
+        self._fixed.add(max(0.0, wall_s - model - loads), n_studies)
         for name, s in member_s.items():
             self._member.setdefault((name, tta), _Cost()).add(s / n_devices, n_studies)
+        for name, s in load_s.items():
+            self._load.setdefault(name, _Cost()).add(s / n_devices, 1)  # per chunk
         self.studies_done += n_studies
 
     def member_cost(self, name: str, tta: bool) -> float:
@@ -175,12 +203,16 @@ class DeadlineGuard:
         fixed = self._fixed.per_study
         if fixed is None:
             return None
-        return fixed + sum(self.member_cost(n, plan.tta) for n in plan.members)
+        loads = sum(c.per_study or 0.0 for n, c in self._load.items() if n in plan.members) / max(1, self.chunk_studies)
+        return fixed + loads + sum(self.member_cost(n, plan.tta) for n in plan.members)
 
     # -- decisions ------------------------------------------------------------------------
     def choose(self, remaining: int) -> Plan:
         """The plan for the next chunk given ``remaining`` studies (this chunk included)."""
-        if self._fixed.per_study is None or remaining <= 0:
+        if remaining <= 0:
+            return self.plan
+        if self._fixed.per_study is None:
+            logger.debug("deadline guard: no measurement yet; plan %r", self.plan.label)
             return self.plan
         now = self.clock()
         for level in range(self.level, len(self.ladder)):
@@ -196,6 +228,12 @@ class DeadlineGuard:
                         self.ladder[level].label, projected - self.start,
                     )
                     self.level = level
+                else:
+                    log = logger.debug if self._projected else logger.info
+                    log("deadline guard: %d studies left at %.2fs each, %.0fs of %.0fs used; plan %r "
+                        "(projected finish %.0fs)", remaining, cost, now - self.start, self.budget_s,
+                        self.plan.label, projected - self.start)
+                self._projected = True
                 return self.plan
         return self.plan  # pragma: no cover - the loop always returns at the last level
 
@@ -207,14 +245,24 @@ class DeadlineGuard:
         now = self.clock()
         cost = self.cost_per_study(self.ladder[-1]) if self._fixed.per_study is not None else None
         if cost is None:
-            return n if now <= self.deadline else 0
-        room = self.deadline - now
-        fit = n if room >= n * cost else max(0, int(room // cost)) if cost > 0 else n
+            fit = n if now <= self.deadline else 0
+        else:
+            room = self.deadline - now
+            fit = n if room >= n * cost else max(0, int(room // cost)) if cost > 0 else n
         if fit < n:
-            if not any(e.action == "priors for the rest" for e in self.events):
-                self._event("priors for the rest", now + n * cost)
-                logger.warning("deadline guard: no time left to run models; remaining studies get prior rows")
+            why = ("the budget was used up before any study was measured" if cost is None else
+                   f"the cheapest plan needs {cost:.2f}s per study and {max(0.0, self.deadline - now):.0f}s are left")
+            self.give_up(why, now + n * (cost or 0.0))
         return fit
+
+    def give_up(self, why: str, projected_abs: float | None = None) -> None:
+        """No time left: the studies not yet read get prior rows. Logged and recorded once."""
+        if any(e.action == "priors for the rest" for e in self.events):
+            return
+        now = self.clock()
+        self._event("priors for the rest", now if projected_abs is None else projected_abs)
+        logger.warning("deadline guard: no time left to run the models (%s; %.0fs of %.0fs used); the remaining "
+                       "studies get prior rows", why, now - float(self.start), self.budget_s)
 
     def gave_priors(self, n: int) -> None:
         """Record that ``n`` studies got prior rows unread (after `admit` said no)."""

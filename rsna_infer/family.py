@@ -55,6 +55,12 @@ class Family(ABC):
     #: defaults, `rsna_infer.options`), parsed and validated once into `options` / `input_options`.
     options_type: ClassVar[type[Options]] = Options
     input_options_type: ClassVar[type[ExtraOptions]] = ExtraOptions
+    #: ``(input key, axis of a sample)`` whose length may differ between the samples of one
+    #: batch (e.g. the slices of an axial stack). Set it only when ``collate(samples,
+    #: pad_to=n)`` pads that axis to ``n`` *and the network masks the padding*, so a sample's
+    #: output does not depend on it; ``run``'s output then has the padded length on its first
+    #: per-sample axis and the predictor cuts it back. None: batches hold equal shapes only.
+    length_axis: ClassVar[tuple[str, int] | None] = None
 
     def __init__(self, entry: ModelEntry) -> None:
         if entry.family != self.name:

@@ -4,11 +4,14 @@ posterior, +z superior).
 Series of one study share patient space, so a point found in one stack is located in any
 other by going through world coordinates: ``dst.to_voxel(src.to_world(zyx))``. Everything
 here is vectorised over ``[..., 3]`` point arrays and works on anything with the `Volume`
-geometry API (``to_world``, ``to_voxel``, ``pixels``, ``normal``...).
+geometry API (``to_world``, ``to_voxel``, ``pixels``, ``normal``...). Questions about one
+stack (nearest slice, inside its box) are `Volume` methods; the direction helpers `unit` and
+`orthonormal_axes` are shared with the DICOM reader.
 """
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +28,38 @@ def plane_of(normal: np.ndarray) -> str:
     return PLANES[int(np.argmax(n))]
 
 
+def unit(v: np.ndarray) -> np.ndarray:
+    """``v`` scaled to length 1 (float64); a zero or non-finite vector is a `ValueError`, never NaN."""
+    v = np.asarray(v, dtype=np.float64)
+    n = math.sqrt(float(np.dot(v.ravel(), v.ravel())))
+    if n == 0.0 or not math.isfinite(n):
+        raise ValueError(f"degenerate direction vector {v.tolist()}")
+    return v / n
+
+
+#: |r·c| of unit IOP axes up to this is rounding in the header; above it the reader warns.
+SKEW_WARN = 1e-4
+
+
+def orthonormal_axes(row_dir: np.ndarray, col_dir: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
+    """The orthonormal pair nearest to ``(row_dir, col_dir)`` and the skew ``|r·c|`` of the unit inputs.
+
+    DICOM requires IOP axes to be orthonormal, and `Volume.to_voxel` relies on it; scanners
+    write them rounded, some skewed. The correction is symmetric (the polar factor of
+    ``[r c]``: both axes turn by half the skew, about their bisector), so neither axis is
+    privileged. Axes that are already orthogonal to 1e-12 come back merely normalised.
+    """
+    r, c = unit(row_dir), unit(col_dir)
+    skew = float(abs(r @ c))
+    if skew <= 1e-12:
+        return r, c, skew
+    if skew >= 1.0 - 1e-9:
+        raise ValueError(f"degenerate orientation: parallel direction vectors {r.tolist()} and {c.tolist()}")
+    bisector, across = unit(r + c), unit(r - c)
+    half = np.sqrt(0.5)
+    return unit(half * (bisector + across)), unit(half * (bisector - across)), skew
+
+
 def obliquity_deg(normal: np.ndarray) -> float:
     """Angle (degrees) between the slice normal and its nearest patient axis."""
     n = np.asarray(normal, dtype=np.float64).reshape(3)
@@ -32,26 +67,9 @@ def obliquity_deg(normal: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(np.max(np.abs(n)), -1.0, 1.0))))
 
 
-def project(volume: Volume, xyz: np.ndarray) -> np.ndarray:
-    """World points ``[..., 3]`` -> fractional voxel ``(z, y, x)`` of ``volume``."""
-    return volume.to_voxel(xyz)
-
-
 def transfer(src: Volume, zyx: np.ndarray, dst: Volume) -> np.ndarray:
     """Voxel points of ``src`` -> voxel points of ``dst`` (through patient space)."""
     return dst.to_voxel(src.to_world(zyx))
-
-
-def nearest_slice(volume: Volume, xyz: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Index of the slice nearest each point and the point's distance (mm) to that slice's plane."""
-    idx = volume.nearest_slice(xyz)
-    d = np.asarray(xyz, dtype=np.float64) @ volume.normal - volume.slice_offsets[idx]
-    return idx, np.abs(d)
-
-
-def covers(volume: Volume, xyz: np.ndarray, margin_mm: float = 0.0) -> np.ndarray:
-    """Whether each point lies inside the stack's box (within ``margin_mm``)."""
-    return volume.contains(xyz, margin_mm=margin_mm)
 
 
 def distance_mm(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -105,8 +123,8 @@ def sample_plane(
     """
     h, w = shape
     dr, dc = spacing
-    r = _unit(row_dir)
-    c = _unit(col_dir)
+    r = unit(row_dir)
+    c = unit(col_dir)
     ys, xs = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
     pts = np.asarray(origin, dtype=np.float64) + xs[..., None] * dc * r + ys[..., None] * dr * c
     return sample(volume, pts, fill=fill).astype(np.float32)
@@ -116,11 +134,6 @@ def reslice_like(src: Volume, dst: Volume, z: int, fill: float = 0.0) -> np.ndar
     """``src`` resampled onto the pixel grid of slice ``z`` of ``dst`` (float32 ``[H, W]``)."""
     h, w = dst.shape[1:]
     return sample_plane(src, dst.positions[z], dst.row_dir, dst.col_dir, (h, w), dst.spacing, fill=fill)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    v = np.asarray(v, dtype=np.float64).reshape(3)
-    return v / np.linalg.norm(v)
 
 
 def _trilinear(pixels: np.ndarray, zyx: np.ndarray, fill: float) -> np.ndarray:

@@ -23,6 +23,7 @@ Conventions
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -263,6 +264,63 @@ def sample_region(
     return out.numpy() + np.float32(padding)
 
 
+class shared_resizes:
+    """Within this context (one study's preparation), resized canonical slices are computed
+    once per volume, slice selection and size, and shared by every family that asks for the
+    same (e.g. an axial 3-D model and the level classifier at the same in-plane size). Bound
+    to the thread that entered it; nothing is kept after it exits."""
+
+    _local = threading.local()
+
+    def __enter__(self) -> "shared_resizes":
+        self._outer = getattr(self._local, "cache", None)
+        if self._outer is None:
+            self._local.cache = {}
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._outer is None:
+            self._local.cache = None
+
+    @classmethod
+    def cache(cls) -> dict | None:
+        return getattr(cls._local, "cache", None)
+
+
+def canonical_slices_resized(
+    volume: "Volume", orientation: Orientation, canonical_slices: np.ndarray | None, size: tuple[int, int]
+) -> np.ndarray:
+    """``resize_slices(orientation.apply(volume.pixels)[canonical_slices], size)`` (every slice
+    when ``canonical_slices`` is None), without copying the full-size stack.
+
+    Resizing treats every slice on its own, so when the orientation only reverses the slice
+    order (the usual case: no in-plane flip or transpose) the source slices are resized where
+    they lie and the small result is put in canonical order: the same numbers, without a
+    copy of the whole stack. With an in-plane flip or transpose the canonical view is copied
+    first, as before. Inside `shared_resizes` the result is shared (callers must not write to it).
+    """
+    z = orientation.src_shape[0]
+    idx = np.arange(z, dtype=np.int64) if canonical_slices is None else np.asarray(canonical_slices, dtype=np.int64)
+    size = (int(size[0]), int(size[1]))
+    cache = shared_resizes.cache()
+    key = (id(volume), orientation, idx.tobytes(), size)
+    if cache is not None and key in cache:
+        return cache[key]
+    if orientation.transpose or orientation.flip[1] or orientation.flip[2]:
+        out = resize_slices(orientation.apply(volume.pixels)[idx], size)
+    else:
+        src = z - 1 - idx if orientation.flip[0] else idx
+        if np.array_equal(src, np.arange(z)):
+            out = resize_slices(volume.pixels, size)
+        elif np.array_equal(src, np.arange(z - 1, -1, -1)):
+            out = np.ascontiguousarray(resize_slices(volume.pixels, size)[::-1])
+        else:
+            out = resize_slices(volume.pixels[src], size)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Normalisation and augmentation
 # --------------------------------------------------------------------------------------
@@ -374,8 +432,8 @@ def prepare_volume(
         raise SpecError(f"a 3-D input needs size (D, H, W), got {size}")
     orientation = orient(volume, view)
     bounds = bounds if bounds is not None else volume_bounds(volume, norm)
-    canon = orientation.apply(volume.pixels)
-    unit = to_unit(resize_volume(canon, size), bounds)
+    resized = canonical_slices_resized(volume, orientation, None, (size[1], size[2]))
+    unit = to_unit(resize_depth(resized, int(size[0])), bounds)
     transform = VoxelTransform.full(orientation, view)
     if rng is not None:
         aug = aug or AugSpec()
@@ -410,8 +468,7 @@ def prepare_slices(
         raise SpecError(f"a 2-D input needs size (H, W), got {size}")
     orientation = orient(volume, view)
     bounds = bounds if bounds is not None else volume_bounds(volume, norm)
-    canon = orientation.apply(volume.pixels)
-    unit = to_unit(resize_slices(interpolate_slices(canon, canonical_slices), size), bounds)
+    unit = to_unit(_slices_at(volume, orientation, canonical_slices, size), bounds)
     transform = VoxelTransform.full(orientation, view)
     if rng is not None:
         aug = aug or AugSpec()
@@ -422,6 +479,21 @@ def prepare_slices(
         transform = transform.reframed(scale, shift)
         unit = augment_intensity(unit, rng, aug.intensity)
     return Prepared(standardise(unit, norm), transform, bounds)
+
+
+def _slices_at(volume: "Volume", orientation: Orientation, positions: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[K, H, W]``: canonical slice positions of ``volume`` (clipped into the stack), resized
+    to ``size``; a fractional position blends its two neighbours (resizing is linear, so the
+    resized slices are blended: the integer slices go through `canonical_slices_resized`)."""
+    pos = np.clip(np.asarray(positions, dtype=np.float64).reshape(-1), 0.0, orientation.shape[0] - 1.0)
+    lo = np.floor(pos).astype(np.int64)
+    w = (pos - lo).astype(np.float32)
+    blend = w > 1e-6
+    if not blend.any():
+        return canonical_slices_resized(volume, orientation, lo, size)
+    hi = np.minimum(lo + 1, orientation.shape[0] - 1)
+    return interpolate_slices(canonical_slices_resized(volume, orientation, np.stack([lo, hi], 1).reshape(-1), size),
+                              np.arange(len(pos)) * 2.0 + w)
 
 
 def interpolate_slices(stack: np.ndarray, positions: np.ndarray) -> np.ndarray:

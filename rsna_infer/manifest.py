@@ -7,6 +7,8 @@ A manifest is one JSON file::
       "version": 1,
       "notes": "what these weights are",
       "priors": [[[0.75, 0.17, 0.08], ...5 levels], ...5 conditions],   # optional
+      "split": "3f2a...",   # optional: id of the fold split the models were trained on
+      "prior_groups": ["foraminal"],   # optional: groups the fitted blend gives the class priors
       "models": [ {ModelEntry}, ... ]
     }
 
@@ -45,7 +47,7 @@ MANIFEST_VERSION = 1
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"version", "notes", "priors", "models"}
+_TOP_FIELDS = {"version", "notes", "priors", "split", "prior_groups", "models"}
 
 
 class ManifestError(ValueError):
@@ -74,9 +76,17 @@ class Manifest:
     path: Path | None = None  # the file it was loaded from
     sha256: str = ""  # of the file's bytes, for the run report
     priors_given: bool = False  # False: `priors` are the documented default
+    split: str = ""  # fold split id of the training runs (rsna_infer.train.folds.split_id); "" = unrecorded
+    #: Condition groups whose out-of-fold blend fit chose the class priors over every member
+    #: (`rsna_infer.train.blend`): their stage-2 weights are all zero on purpose.
+    prior_groups: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         self.priors = _check_priors(self.priors, "priors")
+        bad = [g for g in self.prior_groups if g not in GROUPS]
+        if bad:
+            raise ManifestError(f"{self._where()}'prior_groups' {bad} are not condition groups; use some of {list(GROUPS)}")
+        self.prior_groups = tuple(g for g in GROUPS if g in self.prior_groups)
         self.root = Path(self.root)
         names = [m.name for m in self.models]
         dup = sorted({n for n in names if names.count(n) > 1})
@@ -94,6 +104,39 @@ class Manifest:
             if m.sha256 and not _SHA_RE.match(m.sha256):
                 raise ManifestError(f"{self._where()}model {m.name!r}: sha256 must be 64 lowercase hex digits, got {m.sha256!r}")
 
+    def check_for_prediction(self) -> None:
+        """What a manifest must also satisfy to predict (training tools build manifests one
+        entry at a time and may reference weights elsewhere): weight files inside its folder
+        (`check_contained`) and a positive blend weight in every condition group."""
+        self.check_contained()
+        self.check_blend_groups()
+
+    def check_blend_groups(self) -> None:
+        """Every condition group needs a positive weight somewhere among the stage-2 members,
+        unless it is one of ``prior_groups``: a group whose weights sum to zero by accident
+        would silently give priors in every row. A group listed in ``prior_groups`` must have
+        no positive weight (the two would contradict each other)."""
+        from .ensemble import member_weights
+
+        if not self.stage2:
+            return
+        sums = member_weights(self.stage2).sum(0)
+        dead = [g for g, s in zip(GROUPS, sums) if not s > 0 and g not in self.prior_groups]
+        if dead:
+            raise ManifestError(
+                f"{self._where()}the blend weights of condition group(s) {dead} sum to zero over the stage-2 members "
+                f"{[m.name for m in self.stage2]}: every such row would be the priors. Give a member a positive "
+                "'blend' weight there (or drop 'blend' from an entry to weigh it 1 in every group), or, if the "
+                "priors are meant (as `rsna-infer fit-blend` decides when no member beats them), list the group "
+                "in 'prior_groups'"
+            )
+        both = [g for g, s in zip(GROUPS, sums) if s > 0 and g in self.prior_groups]
+        if both:
+            raise ManifestError(
+                f"{self._where()}condition group(s) {both} are listed in 'prior_groups' but stage-2 members have a "
+                "positive blend weight there; set those weights to 0 or remove the group from 'prior_groups'"
+            )
+
     def _where(self) -> str:
         return f"manifest {self.path}: " if self.path else ""
 
@@ -101,6 +144,23 @@ class Manifest:
         """Absolute path of an entry's weight file."""
         p = Path(entry.file)
         return p if p.is_absolute() else (self.root / p)
+
+    def check_contained(self) -> None:
+        """Every weight file is named relative to the manifest's folder and stays inside it
+        (no absolute path, no ``..`` out): a manifest for prediction moves with its
+        ``weights/`` into a Kaggle dataset and reads no file it does not ship."""
+        for m in self.models:
+            rel = Path(m.file)
+            if rel.is_absolute() or os.path.isabs(m.file):
+                raise ManifestError(
+                    f"{self._where()}model {m.name!r}: weights file {m.file!r} is an absolute path; name it relative to "
+                    f"the manifest's folder {self.root} (e.g. 'weights/{m.name}.safetensors')"
+                )
+            if os.path.normpath(m.file).split(os.sep)[0] == os.pardir:
+                raise ManifestError(
+                    f"{self._where()}model {m.name!r}: weights file {m.file!r} lies outside the manifest's folder "
+                    f"{self.root}; copy it below that folder (`rsna-infer manifest add` does)"
+                )
 
     def entry(self, name: str) -> ModelEntry:
         for m in self.models:
@@ -149,6 +209,10 @@ class Manifest:
         out: dict[str, Any] = {"version": self.version, "notes": self.notes}
         if self.priors_given:
             out["priors"] = np.round(self.priors, 6).tolist()
+        if self.split:
+            out["split"] = self.split
+        if self.prior_groups:
+            out["prior_groups"] = list(self.prior_groups)
         out["models"] = models
         return out
 
@@ -183,7 +247,7 @@ def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | No
     if unknown:
         raise ManifestError(f"{where}unknown field(s) {sorted(unknown)}; allowed {sorted(_TOP_FIELDS)}")
     version = data.get("version", MANIFEST_VERSION)
-    if version != MANIFEST_VERSION:
+    if isinstance(version, bool) or version != MANIFEST_VERSION:  # True == 1 in Python; not here
         raise ManifestError(f"{where}version {version!r} is not supported; this rsna_infer reads version {MANIFEST_VERSION}")
     models_raw = data.get("models")
     if not isinstance(models_raw, list):
@@ -201,9 +265,15 @@ def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | No
         priors = _check_priors(data["priors"], "priors") if "priors" in data else default_priors()
     except ManifestError as e:
         raise ManifestError(f"{where}{e}") from None
+    split = data.get("split", "")
+    if not isinstance(split, str):
+        raise ManifestError(f"{where}'split' must be a string (a fold split id)")
+    prior_groups = data.get("prior_groups", [])
+    if not isinstance(prior_groups, list) or not all(isinstance(g, str) for g in prior_groups):
+        raise ManifestError(f"{where}'prior_groups' must be a list of condition group names, some of {list(GROUPS)}")
     return Manifest(
         models=models, priors=priors, notes=notes, version=version, root=Path(root).resolve(), path=path,
-        priors_given="priors" in data,
+        priors_given="priors" in data, split=split, prior_groups=tuple(prior_groups),
     )
 
 
@@ -211,11 +281,9 @@ def save_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write ``manifest`` as JSON at ``path``; entry files are made relative to its folder."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-    return path
+    from .output import atomic_write_text
+
+    return atomic_write_text(path, json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n")
 
 
 def _check_priors(priors: Any, name: str) -> np.ndarray:
@@ -323,6 +391,23 @@ def packaged_demo_manifest() -> Path:
     return Path(__file__).resolve().parent / "demo" / "weights_manifest.json"
 
 
+def demo_weight_hashes() -> set[str]:
+    """sha256 of every packaged demo weight file (empty when the demo is not installed)."""
+    path = packaged_demo_manifest()
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return set()
+    return {str(m.get("sha256")) for m in data.get("models", []) if isinstance(m, dict) and m.get("sha256")}
+
+
+def demo_entries(manifest: Manifest) -> list[str]:
+    """Names of ``manifest``'s entries whose weights are the packaged demo weights (by
+    sha256, wherever the files were copied or renamed)."""
+    demo = demo_weight_hashes()
+    return [m.name for m in manifest.models if m.sha256 and m.sha256 in demo]
+
+
 def resolve_manifest_path(manifest: str | os.PathLike | None = None) -> tuple[Path, bool]:
     """``(path, is_demo)``: the argument, else ``$RSNA_INFER_MANIFEST``, else the packaged demo.
 
@@ -422,7 +507,7 @@ def add_model(
     file = os.path.relpath(dest, manifest_path.parent)
     entry = replace(entry, file=Path(file).as_posix(), sha256=digest)
     models = [m for m in man.models if m.name != entry.name] + [entry]
-    new = Manifest(models=models, priors=man.priors, notes=man.notes, root=manifest_path.parent, path=manifest_path, priors_given=man.priors_given)
+    new = replace(man, models=models, root=manifest_path.parent, path=manifest_path)
     save_manifest(new, manifest_path)
     return entry
 
@@ -455,7 +540,12 @@ def _cli_verify(path: Path, device: str) -> int:
     from .members import load_member
 
     man = load_manifest(path, check_files=False)
-    failed = 0
+    failed, whole = 0, 0
+    try:
+        man.check_for_prediction()
+    except ManifestError as e:
+        whole = 1
+        print(f"FAIL  manifest: {e}")
     for m in man.models:
         try:
             p = man.resolve(m)
@@ -472,4 +562,4 @@ def _cli_verify(path: Path, device: str) -> int:
             failed += 1
             print(f"FAIL  {m.name}: {e}")
     print(f"{len(man.models) - failed}/{len(man.models)} model(s) verified")
-    return 1 if failed else 0
+    return 1 if failed or whole else 0

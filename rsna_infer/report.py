@@ -154,6 +154,8 @@ class RunReport:
     peak_rss_mb: dict[str, float] = field(default_factory=dict)
     summary: dict[str, int] = field(default_factory=dict)
     deadline: dict[str, Any] = field(default_factory=dict)
+    faults: dict[str, Any] = field(default_factory=dict)  # what the machine did: workers, devices, OOM
+    memory: dict[str, Any] = field(default_factory=dict)  # device memory: mode, plan per member, measured, peak
     warnings: list[str] = field(default_factory=list)
     studies: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -171,12 +173,13 @@ class RunReport:
         return asdict(self)
 
     def write(self, path: str | os.PathLike) -> Path:
+        """Atomically (`rsna_infer.output.atomic_write`): a report that does not fit leaves
+        no partial or 0-byte file behind, and an older report stays as it was."""
+        from .output import atomic_write_text
+
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
 
 
 def _json_default(o: Any) -> Any:

@@ -20,6 +20,8 @@ from .constants import GROUPS
 
 #: Stage-1 families (keypoints) in the order the predictor runs them: later ones may use
 #: earlier ones' keypoints (the axial xy model needs the level classifier's slices).
+#: How a member's weights may be held on a GPU (`ModelEntry.precision`).
+WEIGHT_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
 STAGE1_FAMILIES: tuple[str, ...] = ("sag2d", "sag3d", "axial3d", "axial_level", "axial_xy")
 #: Stage-2 families (grades): three-view fusion (model1) and per-view ROI (model2).
 STAGE2_FAMILIES: tuple[str, ...] = ("fusion", "roi")
@@ -52,10 +54,9 @@ class NormSpec:
         if hasattr(pixels, "percentiles"):
             lo, hi = pixels.percentiles(self.lo_pct, self.hi_pct)
         else:
-            flat = np.asarray(pixels, dtype=np.float32).reshape(-1)
-            if flat.size > 1_000_000:  # percentiles of a strided subsample are plenty and 10x cheaper
-                flat = flat[:: flat.size // 1_000_000]
-            lo, hi = np.percentile(flat, [self.lo_pct, self.hi_pct])
+            from .quantiles import percentiles, subsample
+
+            lo, hi = percentiles(subsample(np.asarray(pixels, dtype=np.float32)), [self.lo_pct, self.hi_pct])
         if not np.isfinite(lo) or not np.isfinite(hi):
             return 0.0, 1.0
         return float(lo), float(max(hi, lo + 1e-3))
@@ -123,6 +124,19 @@ class InputSpec:
         return d
 
 
+def _integer(value: Any, what: str) -> int:
+    """``value`` as an int; ``true``/``false`` and fractions are refused (a bool is not a number here)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise SpecError(f"{what} must be an integer, got {value!r}")
+    try:
+        out = int(value)
+    except ValueError:
+        raise SpecError(f"{what} must be an integer, got {value!r}") from None
+    if isinstance(value, float) and out != value:
+        raise SpecError(f"{what} must be an integer, got {value!r}")
+    return out
+
+
 @dataclass
 class ModelEntry:
     """One trained model in the manifest.
@@ -130,7 +144,9 @@ class ModelEntry:
     ``family`` picks the code (see `STAGE1_FAMILIES`, `STAGE2_FAMILIES`); ``variant`` picks
     the flavour inside it (e.g. ``"t2"``/``"t1"`` for sagittal keypoints, ``"spinal"`` for an
     ROI grader); ``model_kwargs`` sets the head (documented per family). ``blend`` weights
-    are per condition group and used by stage-2 members only.
+    are per condition group and used by stage-2 members only. ``precision``: how its weights
+    are held on a GPU (`WEIGHT_PRECISIONS`): ``auto`` half precision (fp16), ``bf16`` bfloat16
+    where the card supports it (else fp16), ``fp32`` full precision; on the CPU weights are fp32.
     """
 
     name: str
@@ -144,6 +160,7 @@ class ModelEntry:
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     model_kwargs: dict[str, Any] = field(default_factory=dict)
     blend: dict[str, float] = field(default_factory=dict)
+    precision: str = "auto"
 
     @property
     def stage(self) -> int:
@@ -154,6 +171,13 @@ class ModelEntry:
             raise SpecError("model name must be a non-empty string")
         if self.family not in FAMILIES:
             raise SpecError(f"model {self.name!r}: unknown family {self.family!r}; expected one of {FAMILIES}")
+        if ":" in self.arch:
+            raise SpecError(
+                f"model {self.name!r}: arch {self.arch!r} names a model hub entry; inference is offline: use the "
+                "timm / timm_3d architecture name (e.g. 'convnext_tiny') with a local weights file"
+            )
+        if self.precision not in WEIGHT_PRECISIONS:
+            raise SpecError(f"model {self.name!r}: precision {self.precision!r} unknown; expected one of {WEIGHT_PRECISIONS}")
         for g, w in self.blend.items():
             if g not in GROUPS:
                 raise SpecError(f"model {self.name!r}: blend group {g!r} unknown; expected {GROUPS}")
@@ -169,7 +193,7 @@ class ModelEntry:
         missing = [k for k in required if k not in d]
         if missing:
             raise SpecError(f"model {name!r}: missing field(s) {missing}")
-        known = set(required) | {"sha256", "fold", "arch_kwargs", "model_kwargs", "blend", "stage"}
+        known = set(required) | {"sha256", "fold", "arch_kwargs", "model_kwargs", "blend", "stage", "precision"}
         unknown = set(d) - known
         if unknown:
             raise SpecError(f"model {name!r}: unknown field(s) {sorted(unknown)}")
@@ -185,12 +209,13 @@ class ModelEntry:
             input=spec,
             file=str(d["file"]),
             sha256=str(d.get("sha256", "")),
-            fold=int(d.get("fold", 0)),
+            fold=_integer(d.get("fold", 0), f"model {name!r}: fold"),
             arch_kwargs=dict(d.get("arch_kwargs") or {}),
             model_kwargs=dict(d.get("model_kwargs") or {}),
             blend={str(k): float(v) for k, v in (d.get("blend") or {}).items()},
+            precision=str(d.get("precision", "auto")),
         )
-        if "stage" in d and int(d["stage"]) != entry.stage:
+        if "stage" in d and _integer(d["stage"], f"model {name!r}: stage") != entry.stage:
             raise SpecError(f"model {name!r}: stage {d['stage']} does not match family {entry.family!r} (stage {entry.stage})")
         return entry
 
@@ -208,4 +233,4 @@ class ModelEntry:
             "file": self.file,
             "sha256": self.sha256,
             "blend": dict(self.blend),
-        }
+        } | ({} if self.precision == "auto" else {"precision": self.precision})

@@ -2,27 +2,42 @@
 
 The producer side of the predictor: for each study, decode every DICOM once (`load_study`)
 and run the preprocessing of the families that need no keypoints (stage-1 ``prepare``).
-With ``num_workers > 0`` this happens in a pool of worker *processes* (one torch thread
-each) while the main process runs the models on the previous chunk; with ``num_workers = 0``
-it runs in the calling process. Workers are forked on Linux, as torch's DataLoader does (they
-start instantly, inherit the registered families and never touch CUDA), and spawned where
-fork does not exist. If the pool breaks (a worker killed for memory, or a script that spawns
-without an ``if __name__ == "__main__"`` guard), loading carries on in-process. At most ``prefetch`` studies are in flight, so memory is bounded by the
-chunk size, not by the size of the test set. Results come back in input order, so the
-chunks, and therefore every batch, are the same whatever the number of workers.
+With ``num_workers > 0`` this happens in supervised worker *processes*
+(`rsna_infer.workers.WorkerPool`, one torch thread each) while the main process runs the
+models on the previous chunk; with ``num_workers = 0`` it runs in the calling process.
+Workers are forked on Linux, as torch's DataLoader does (they start instantly, inherit the
+registered families and never touch CUDA), and spawned where fork does not exist.
+
+What a machine does to workers, and what the stream does about it (`StudyStream._settle` is
+the one place that decides):
+
+- a worker dies holding a study (OOM killer, segfault): that study is tried once more in a
+  fresh worker (an OOM kill may have been another process's fault); a study that kills
+  `MAX_ATTEMPTS` workers gets prior rows. The other studies are not affected.
+- a worker hangs (a stuck read, SIGSTOP): past the per-study watchdog it is killed and its
+  study gets prior rows (a hang is not retried: it would cost another watchdog period).
+- no worker can start (spawn under a script without an ``if __name__ == "__main__":``
+  guard): loading moves in-process, except for a study that already killed or hung a
+  worker, which never runs in the main process (it could take the whole run down with it).
+
+Every wait is bounded: by the watchdog, and by the caller's deadline in `StudyStream.take`.
+At most ``prefetch`` studies are in flight, so memory is bounded by the chunk size and the
+read-ahead (`default_read_ahead`), not by the size of the test set. Results come back in input order, so the chunks, and therefore
+every batch, are the same whatever the number of workers.
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing as mp
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import CancelledError, Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
+
+from .workers import PoolUnavailable, WorkerDied, WorkerPool, WorkerTimeout
 
 if TYPE_CHECKING:
     from .family import Family, Sample
@@ -30,6 +45,20 @@ if TYPE_CHECKING:
     from .io.volume import Study
 
 logger = logging.getLogger(__name__)
+
+#: Per-study watchdog without a time budget: reading one study takes seconds; ten minutes is a hang.
+DEFAULT_STUDY_TIMEOUT_S = 600.0
+#: The watchdog never goes below this, whatever the budget.
+MIN_STUDY_TIMEOUT_S = 5.0
+
+
+def study_timeout_for(time_budget_s: float | None) -> float:
+    """The per-study watchdog: `DEFAULT_STUDY_TIMEOUT_S`, or a tenth of the time budget
+    (at least `MIN_STUDY_TIMEOUT_S`) when that is shorter, so that one hung worker cannot
+    eat the budget."""
+    if time_budget_s is None:
+        return DEFAULT_STUDY_TIMEOUT_S
+    return float(min(DEFAULT_STUDY_TIMEOUT_S, max(MIN_STUDY_TIMEOUT_S, float(time_budget_s) / 10.0)))
 
 
 @dataclass
@@ -53,6 +82,7 @@ class LoadedStudy:
 
 def load_and_prepare(ref: "StudyRef", preparers: Sequence[tuple[str, "Family"]], decode_workers: int | None = None) -> LoadedStudy:
     """Decode ``ref`` and run each ``(group_key, family).prepare(study)``; never raises."""
+    from .imaging import shared_resizes
     from .io import load_study
 
     out = LoadedStudy(study_id=int(ref.study_id), study=None)
@@ -67,14 +97,18 @@ def load_and_prepare(ref: "StudyRef", preparers: Sequence[tuple[str, "Family"]],
         return out
     out.study = study
     out.warnings.extend(study.warnings)
+    n_files = sum(s.n_files for s in ref.series if s.readable)
+    if n_files and not any(study.volumes.values()):
+        out.errors.append(f"load: none of the study's {n_files} DICOM file(s) gave a usable image stack (see warnings)")
     t1 = time.perf_counter()
     out.load_s = t1 - t0
-    for key, family in preparers:
-        try:
-            out.samples[key] = list(family.prepare(study, None))
-        except Exception as e:
-            logger.error("study %s: prepare %s failed: %s: %s", ref.study_id, key, type(e).__name__, e, exc_info=e)
-            out.errors.append(f"prepare {key}: {type(e).__name__}: {e}")
+    with shared_resizes():  # families that resize a stack alike share one resize
+        for key, family in preparers:
+            try:
+                out.samples[key] = list(family.prepare(study, None))
+            except Exception as e:
+                logger.error("study %s: prepare %s failed: %s: %s", ref.study_id, key, type(e).__name__, e, exc_info=e)
+                out.errors.append(f"prepare {key}: {type(e).__name__}: {e}")
     out.prepare_s = time.perf_counter() - t1
     out.peak_rss_mb = peak_rss_mb()
     return out
@@ -92,8 +126,36 @@ def peak_rss_mb() -> float:
         return 0.0
 
 
+def default_read_ahead(num_workers: int) -> int:
+    """Studies decoded ahead of the chunks taken: two more than the workers, so every worker
+    has the next study to read. Peak memory is then the chunk a device runs plus these, the
+    same from 20 studies to 2,000; the rest of the next chunk is read when it is taken (about
+    ``(chunk - read ahead) x load time / workers``, a few percent of a GPU chunk)."""
+    return max(1, int(num_workers) + 2)
+
+
+def limit_heap_fragmentation() -> None:
+    """Serve large arrays (decoded stacks, 1 MB and up) from their own mappings, returned to
+    the system when freed. glibc raises its mmap threshold after the first large free and
+    then serves later stacks from the heap, which fragments: a worker's peak memory creeps up
+    with the studies it reads. Loading workers only: in the main process every large tensor
+    of a CPU forward would then be a fresh mapping, page faults included (CPU models ran 2x
+    slower), and the studies it receives from workers are shared-memory mappings anyway. A
+    no-op where the C library is not glibc."""
+    import ctypes
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    try:
+        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, so no longer adjusted upward
+    except (OSError, AttributeError):  # pragma: no cover - an unusual libc
+        pass
+
+
 def _worker_init(torch_threads: int) -> None:
     """Worker processes: one torch thread each (the pool supplies the parallelism)."""
+    limit_heap_fragmentation()
     try:
         import torch
 
@@ -102,17 +164,34 @@ def _worker_init(torch_threads: int) -> None:
         pass
 
 
-def _load_task(ref: "StudyRef", preparers: Sequence[tuple[str, "Family"]]) -> LoadedStudy:
+def _load_task(preparers: Sequence[tuple[str, "Family"]], ref: "StudyRef") -> LoadedStudy:
     return load_and_prepare(ref, preparers, decode_workers=1)
+
+
+@dataclass
+class WorkerEvent:
+    """Something a worker did to a study, for the run report."""
+
+    study_id: int
+    event: str  # "worker died" | "worker hung" | "worker failed"
+    detail: str
+    attempt: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
 
 
 class StudyStream:
     """Iterate `LoadedStudy` objects for ``refs`` in order, reading ahead at most
     ``prefetch`` studies. Use as a context manager so worker processes are shut down.
 
-    ``stop()`` cancels the read-ahead (the deadline guard uses it when the remaining
-    studies will get priors anyway).
+    ``study_timeout_s``: the per-study watchdog of the workers. ``stop()`` cancels the
+    read-ahead (the deadline guard uses it when the remaining studies get priors anyway).
+    After `take` returns early because its deadline passed, ``out_of_time`` is True.
     """
+
+    #: Workers a study may kill before it gets prior rows (1 = no second try).
+    MAX_ATTEMPTS = 2
 
     def __init__(
         self,
@@ -121,50 +200,74 @@ class StudyStream:
         num_workers: int = 0,
         prefetch: int = 16,
         start_method: str | None = None,
+        study_timeout_s: float = DEFAULT_STUDY_TIMEOUT_S,
     ) -> None:
         self.refs = list(refs)
         self.preparers = list(preparers)
         self.num_workers = max(0, int(num_workers))
         self.prefetch = max(1, int(prefetch))
-        self._pool: ProcessPoolExecutor | None = None
-        self._pending: deque[Future[LoadedStudy]] = deque()
-        self._next = 0
+        self.start_method = start_method
+        self.study_timeout_s = float(study_timeout_s)
+        self._pool: WorkerPool | None = None
+        self._pending: deque[tuple[int, Future[LoadedStudy]]] = deque()  # (index in refs, future), in order
+        self._next = 0  # index of the next study to submit (or, in-process, to load)
         self._stopped = False
-        methods = mp.get_all_start_methods()
-        self.start_method = start_method or ("fork" if "fork" in methods else "spawn")
-        self.breaks = 0
-        self._ok = 0  # studies the pool has delivered
+        self._attempts: dict[int, int] = {}  # study id -> workers it killed or hung
+        self.out_of_time = False
         self.warnings: list[str] = []
+        self.events: list[WorkerEvent] = []
+        self._closed_stats = {"started": 0, "died": 0, "hung": 0}  # of worker pools already closed
 
     def __enter__(self) -> "StudyStream":
         if self.num_workers > 0 and self.refs:
-            self._pool = self._new_pool()
+            self._pool = WorkerPool(self.num_workers, _load_task, (self.preparers,), initializer=_worker_init,
+                                    initargs=(1,), start_method=self.start_method)
         return self
-
-    def _new_pool(self) -> ProcessPoolExecutor:
-        ctx = mp.get_context(self.start_method)
-        return ProcessPoolExecutor(self.num_workers, mp_context=ctx, initializer=_worker_init, initargs=(1,))
 
     def __exit__(self, *exc: Any) -> None:
         self.stop()
 
+    @property
+    def workers(self) -> WorkerPool | None:
+        """The worker pool (None in-process)."""
+        return self._pool
+
     def stop(self) -> None:
         self._stopped = True
-        for f in self._pending:
+        self._close_pool()
+
+    def _close_pool(self) -> None:
+        for _, f in self._pending:
             f.cancel()
         self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.close()
+            self._closed_stats = self._stats(pool)
+
+    @property
+    def worker_stats(self) -> dict[str, int]:
+        """Worker processes started, died holding a study, killed hung, over the stream's life."""
+        return self._stats(self._pool)
+
+    def _stats(self, pool: WorkerPool | None) -> dict[str, int]:
+        now = {"started": 0, "died": 0, "hung": 0} if pool is None else {
+            "started": pool.started, "died": pool.deaths, "hung": pool.timeouts}
+        return {k: self._closed_stats[k] + now[k] for k in now}
+
+    def _submit(self, index: int, front: bool = False) -> Future[LoadedStudy]:
+        assert self._pool is not None
+        ref = self.refs[index]
+        return self._pool.submit(ref, timeout=self.study_timeout_s, label=f"rsna:{ref.study_id}", front=front)
 
     def _fill(self) -> None:
-        assert self._pool is not None
-        while len(self._pending) < self.prefetch and self._next < len(self.refs):
-            self._pending.append(self._pool.submit(_load_task, self.refs[self._next], self.preparers))
+        while self._pool is not None and len(self._pending) < self.prefetch and self._next < len(self.refs):
+            self._pending.append((self._next, self._submit(self._next)))
             self._next += 1
 
-    def take(self, n: int) -> list[LoadedStudy]:
-        """The next ``n`` studies (fewer at the end), in input order."""
+    def take(self, n: int, deadline: float | None = None, clock: Any = time.monotonic) -> list[LoadedStudy]:
+        """The next ``n`` studies (fewer at the end), in input order. ``deadline`` (a
+        ``clock`` value): stop waiting then, return what is there and set ``out_of_time``."""
         out: list[LoadedStudy] = []
         while len(out) < n and not self._stopped:
             if self._pool is None:
@@ -172,72 +275,86 @@ class StudyStream:
                     break
                 ref = self.refs[self._next]
                 self._next += 1
-                out.append(load_and_prepare(ref, self.preparers))
+                out.append(self._in_process(ref))
                 continue
             self._fill()
             if not self._pending:
                 break
-            fut = self._pending.popleft()
-            ref_index = self._next - len(self._pending) - 1
+            index, fut = self._pending[0]
+            wait = None if deadline is None else max(0.0, deadline - clock())
             try:
-                out.append(fut.result())
-                self._ok += 1
-            except BrokenProcessPool as e:
-                blamed = self._pool_broke(ref_index, e)
-                if blamed is not None:
-                    out.append(blamed)
-                continue
-            except Exception as e:  # the task itself failed (load_and_prepare never raises)
-                ref = self.refs[ref_index]
-                logger.error("study %s: worker failed (%s: %s)", ref.study_id, type(e).__name__, e)
-                out.append(LoadedStudy(int(ref.study_id), None, errors=[f"worker: {type(e).__name__}: {e}"]))
-            self._fill()
+                value: Any = fut.result(timeout=wait)
+            except FutureTimeout:
+                self.out_of_time = True
+                break
+            except (Exception, CancelledError) as e:
+                value = e
+            self._pending.popleft()
+            loaded = self._settle(index, value)
+            if loaded is not None:
+                out.append(loaded)
         return out
+
+    def _settle(self, index: int, value: Any) -> LoadedStudy | None:
+        """What a worker's answer means for study ``refs[index]``: the study, a second try
+        (None: it is queued again, first), or prior rows. The one place for worker outcomes."""
+        ref = self.refs[index]
+        sid = int(ref.study_id)
+        if isinstance(value, LoadedStudy):
+            for e in self.events:
+                if e.study_id == sid:
+                    value.warnings.append(f"{e.event} on try {e.attempt} ({e.detail}); the next try worked")
+            return value
+        if isinstance(value, PoolUnavailable):
+            self._to_in_process(index, value)
+            return None
+        attempt = self._attempts[sid] = self._attempts.get(sid, 0) + 1
+        if isinstance(value, WorkerDied):
+            event, fallback = "worker died", f"a loading worker died on it {attempt} time(s)"
+        elif isinstance(value, WorkerTimeout):
+            event, fallback = "worker hung", f"its loading worker hung for {self.study_timeout_s:.0f}s and was killed"
+        else:
+            event, fallback = "worker failed", "its loading worker failed"
+        detail = f"{type(value).__name__}: {value}"
+        self.events.append(WorkerEvent(sid, event, detail, attempt))
+        if isinstance(value, WorkerDied) and attempt < self.MAX_ATTEMPTS and self._pool is not None:
+            logger.warning("study %s: %s (%s); trying it once more in a fresh worker", sid, event, value)
+            self._pending.appendleft((index, self._submit(index, front=True)))
+            return None
+        msg = f"study {sid}: {fallback} ({value}); prior rows"
+        logger.error("%s", msg)
+        self.warnings.append(msg)
+        return LoadedStudy(sid, None, errors=[f"{event}: {detail}"])
+
+    def _to_in_process(self, index: int, err: BaseException) -> None:
+        """No worker can start: load from ``refs[index]`` on in this process."""
+        self._close_pool()
+        self._next = index
+        msg = (f"preprocessing workers could not start ({err}); loading continues in-process. "
+               "Under a script, guard the entry point with `if __name__ == '__main__':`.")
+        logger.error("%s", msg)
+        self.warnings.append(msg)
+
+    def _in_process(self, ref: "StudyRef") -> LoadedStudy:
+        sid = int(ref.study_id)
+        if self._attempts.get(sid):  # it killed or hung a worker: it could do the same to us
+            return LoadedStudy(sid, None, errors=["worker died: it killed a loading worker; never run in the main process"])
+        return load_and_prepare(ref, self.preparers)
 
     def skip(self, n: int) -> list[int]:
         """Advance past the next ``n`` studies without using them; their ids."""
         ids: list[int] = []
         while len(ids) < n:
             if self._pending:
-                f = self._pending.popleft()
+                index, f = self._pending.popleft()
                 f.cancel()
-                ids.append(int(self.refs[self._next - len(self._pending) - 1].study_id))
+                ids.append(int(self.refs[index].study_id))
             elif self._next < len(self.refs):
                 ids.append(int(self.refs[self._next].study_id))
                 self._next += 1
             else:
                 break
         return ids
-
-    #: Pool restarts after a worker died on a study, before loading moves in-process.
-    MAX_RESTARTS = 3
-
-    def _pool_broke(self, ref_index: int, err: BaseException) -> LoadedStudy | None:
-        """A worker process died. If the pool never delivered a study, it cannot start here
-        (e.g. spawn under a script without a ``__main__`` guard): load in-process from this
-        study on. Otherwise a study killed it (memory): that study gets an error, the pool is
-        restarted (at most `MAX_RESTARTS` times, then in-process) and the rest resubmitted."""
-        self.breaks += 1
-        for f in self._pending:
-            f.cancel()
-        self._pending.clear()
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
-        if self._ok == 0 or self.breaks > self.MAX_RESTARTS:
-            self._next = ref_index
-            msg = (f"preprocessing workers failed ({type(err).__name__}: {err}); loading continues in-process. "
-                   "Under a script, guard the entry point with `if __name__ == '__main__':`.")
-            logger.error("%s", msg)
-            self.warnings.append(msg)
-            return None
-        ref = self.refs[ref_index]
-        self._next = ref_index + 1
-        msg = f"study {ref.study_id}: a preprocessing worker died on it ({type(err).__name__}); prior rows"
-        logger.error("%s; restarting the worker pool", msg)
-        self.warnings.append(msg)
-        self._pool = self._new_pool()
-        return LoadedStudy(int(ref.study_id), None, errors=[f"worker died: {type(err).__name__}: {err}"])
 
     def __iter__(self) -> Iterator[LoadedStudy]:  # convenience for single-study consumers
         while True:

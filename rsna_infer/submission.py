@@ -17,8 +17,6 @@ manifest may carry exact per-target priors fitted with :func:`priors_from_labels
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -284,22 +282,23 @@ def write_submission(frame: pd.DataFrame, path: str | Path, study_ids: Iterable[
 
     On a validation error nothing is written and an existing file at ``path`` is untouched.
     """
+    from .output import atomic_write
+
     study_ids = None if study_ids is None else list(study_ids)
     validate_submission(frame, study_ids)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            frame.to_csv(fh, index=False)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, lambda fh: frame.to_csv(fh, index=False))
     logger.info("wrote %s (%d rows)", path, len(frame))
     return path
+
+
+def prior_submission(study_ids: Iterable[int], priors: np.ndarray | Sequence[float] | None = None) -> pd.DataFrame:
+    """Every study's 25 rows from the fallback priors: the safety-net submission a run
+    writes before any model runs (valid on its own, replaced by the real one)."""
+    ids = [int(s) for s in study_ids]
+    p = resolve_priors(priors)
+    return _frame(ids, np.broadcast_to(p, (len(ids), *p.shape)))
 
 
 def read_submission(path: str | Path) -> pd.DataFrame:
@@ -326,7 +325,10 @@ def read_study_ids(series_csv: str | Path) -> list[int]:
     path = Path(series_csv)
     if not path.is_file():
         raise FileNotFoundError(f"series descriptions file {path} does not exist")
-    df = pd.read_csv(path)
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise SubmissionError(f"{path}: not a readable CSV ({type(err).__name__}: {err})") from None
     if "study_id" not in df.columns:
         raise SubmissionError(f"{path} has no study_id column; columns are {list(df.columns)}")
     try:

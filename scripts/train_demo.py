@@ -4,11 +4,15 @@
     python scripts/train_demo.py                 # everything, into rsna_infer/demo/
     python scripts/train_demo.py --work /tmp/w   # keep the phantom, cache and runs there
 
-What it does (``configs/demo/plan.json`` sets the numbers):
+What it does (``configs/demo/plan.json`` sets the numbers), the workflow of docs/train.md in
+miniature:
 
+0. loads and validates every config of the plan (with ``--set`` overrides) before anything
+   else, so that a bad field fails in seconds, not after the phantom is built;
 1. writes a phantom training set (``train_seed``; the demo's test seed is another one);
-2. splits it into ``n_folds`` study-level folds and trains every stage-1 config of the plan on
-   all folds but ``val_fold`` (the held-out fold picks the best epoch);
+2. writes one study-level split (``folds.csv``, ``n_folds``) that every run shares (each
+   records its id), and trains every stage-1 config of the plan on all folds but
+   ``val_fold`` (the held-out fold picks the best epoch);
 3. runs the stage-1 chain (folds averaged, cross-view fallback) on the held-out studies:
    their *predicted* keypoints;
 4. trains every stage-2 config (crops from jittered true keypoints), validating on crops
@@ -42,10 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=REPO / "rsna_infer" / "demo", help="where the manifest and weights go")
     p.add_argument("--work", type=Path, default=None, help="working folder (phantom, cache, runs); default: a temp dir")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a field of every config (e.g. epochs=1 for a smoke run)")
+                   help="override a field of every config (e.g. epochs=1 for a smoke run; then also pass --out "
+                        "elsewhere, or the packaged demo is overwritten)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--resume", action="store_true",
-                   help="with --work: reuse finished stage-1 runs whose config is unchanged (stage 2 always retrains)")
+                   help="with --work: keep finished stage-1 runs of an unchanged config, continue interrupted ones "
+                        "from their checkpoints (stage 2 always retrains)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
@@ -73,7 +79,7 @@ def _run(plan: dict, config_dir: Path, out: Path, work: Path, overrides: list[st
     from rsna_infer.train.blend import fit_blend, format_report, load_oof
     from rsna_infer.train.config import load_config, parse_override
     from rsna_infer.train.data import TrainingData
-    from rsna_infer.train.folds import make_folds, save_folds
+    from rsna_infer.train.folds import make_folds, save_folds, split_id
     from rsna_infer.train.keypoint_store import save_keypoints
     from rsna_infer.train.manifests import merge_manifests, set_blend_weights
     from rsna_infer.train.oof_keypoints import predict_oof_keypoints
@@ -84,6 +90,8 @@ def _run(plan: dict, config_dir: Path, out: Path, work: Path, overrides: list[st
     if int(plan["test_seed"]) == int(plan["train_seed"]):
         raise SystemExit("plan: test_seed must differ from train_seed")
     over = dict(parse_override(o) for o in overrides)
+    configs = {name: load_config(config_dir / f"{name}.json", overrides={**over, "n_folds": int(plan["n_folds"])})
+               for name in plan["stage1"] + plan["stage2"]}  # every config checked before the phantom is built
 
     root = work / "phantom_train"
     stamp = root / "plan.json"
@@ -105,23 +113,19 @@ def _run(plan: dict, config_dir: Path, out: Path, work: Path, overrides: list[st
     k = int(plan["val_fold"])
 
     def train(name: str, **kw) -> Path:
-        cfg = load_config(config_dir / f"{name}.json", overrides={**over, "n_folds": int(plan["n_folds"])})
-        run = work / "runs" / name
-        done = run / f"manifest_f{k}.json"
-        if resume and done.is_file() and json.loads((run / "config.json").read_text()) == cfg.to_dict() and not kw:
-            logger.info("%s: reusing the finished run in %s (--resume)", name, run)
-            return done
+        # --resume: the trainer keeps a finished stage-1 run of the same config and split, and
+        # continues an interrupted one from its checkpoint; stage 2 (kw: new keypoints) retrains
         t0 = time.perf_counter()
-        res = train_fold(cfg, data, k, run, folds_csv=folds_csv, progress=progress, **kw)
+        res = train_fold(configs[name], data, k, work / "runs" / name, folds_csv=folds_csv, progress=progress,
+                         resume=resume and not kw, **kw)
         timings[name] = time.perf_counter() - t0
         logger.info("%s: epoch %d, val_metric %.4f, %.0f s", name, res.best_epoch, res.best_metric or float("nan"), timings[name])
         return res.manifest_path
 
     stage1 = [train(name) for name in plan["stage1"]]
-    stage1_manifest = merge_manifests(stage1, work / "stage1_manifest.json")
     t = time.perf_counter()
-    kps = predict_oof_keypoints(stage1_manifest, data, folds_csv, progress=progress)
-    kp_file = save_keypoints(work / "keypoints_oof.npz", kps)
+    kps = predict_oof_keypoints(stage1, data, folds_csv, device="cpu", progress=progress)
+    kp_file = save_keypoints(work / "keypoints_oof.npz", kps, split=split_id(folds))
     timings["oof_keypoints"] = time.perf_counter() - t
     stage2 = [train(name, keypoints_files=[kp_file]) for name in plan["stage2"]]
 

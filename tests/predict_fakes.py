@@ -4,13 +4,23 @@ The fakes are real `Family` subclasses (the predictor cannot tell them apart fro
 stage-1/2 code): a keypoint family that regresses 5 spinal points on the centre sagittal
 T2 slice, and a grader that reads a patch around those points. Their networks have a few
 hundred parameters, so a whole run takes well under a second per study. They are registered
-by patching ``rsna_infer.registry._FAMILY_PATHS`` (see `use_fake_families`). Model kwargs
-steer failures and costs: ``fail_on`` (study ids whose prepare raises), ``nan_on`` (study ids
-whose output is NaN), ``raise_on`` (study ids whose presence makes a batch raise), ``cost`` (seconds a forward adds to `CLOCK`, per sample, x2 with TTA).
+by patching ``rsna_infer.registry._FAMILY_PATHS`` (see `use_fake_families`; `fake_cli.py`
+does the same for a real ``rsna-infer`` process). Model kwargs steer failures and costs:
+``fail_on`` (study ids whose prepare raises), ``nan_on`` (study ids whose output is NaN),
+``raise_on`` (study ids whose presence makes a batch raise), ``cost`` (seconds a forward adds
+to `CLOCK`, per sample, x2 with TTA), ``slow_on`` + ``slow_s`` (study ids whose prepare, in
+the loading worker, sleeps that long: a study a test can catch a worker holding),
+``oom_over`` (grader: a batch larger than this raises CUDA-style out-of-memory after
+allocating a tensor that `OOM_PROBES` watches through a weakref; `OOM_FREED` records, for
+every batch that runs after one, whether all those tensors were already freed).
 """
 
 from __future__ import annotations
 
+import os
+import time
+import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +31,21 @@ from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
 from rsna_infer.family import GradingFamily, KeypointFamily, Sample
 from rsna_infer.io.volume import Volume
 from rsna_infer.io.writer import write_volume
+from rsna_infer.options import Options, option
 from rsna_infer.stage1.keypoints import KeypointSet
+
+
+@dataclass(frozen=True)
+class FakeOptions(Options):
+    """The fakes' ``model_kwargs``: the failures and costs a test injects (see the module docstring)."""
+
+    fail_on: list = option([], "study ids whose prepare raises")
+    nan_on: list = option([], "study ids whose grades are NaN")
+    raise_on: list = option([], "study ids whose presence makes a batch raise")
+    slow_on: list = option([], "study ids whose prepare sleeps slow_s")
+    slow_s: float = option(1.0, "seconds a slow_on study's prepare sleeps")
+    cost: float = option(0.0, "seconds a forward adds to CLOCK per sample")
+    oom_over: int | None = option(None, "a batch larger than this raises out-of-memory")
 
 
 class FakeClock:
@@ -38,6 +62,12 @@ class FakeClock:
 
 
 CLOCK = FakeClock()
+#: Weak references to the tensors of batches that ran out of memory, and, per batch run
+#: after one, whether every one of them was freed by then.
+OOM_PROBES: list[weakref.ref] = []
+OOM_FREED: list[bool] = []
+#: ``HF_HUB_OFFLINE`` as each fake network saw it when built.
+BUILD_ENV: list[str | None] = []
 
 
 class _Net(nn.Module):
@@ -61,12 +91,28 @@ def _resample(img: np.ndarray, h: int, w: int) -> np.ndarray:
 def _hooks(entry, study_id: int, kind: str) -> None:
     if study_id in entry.model_kwargs.get(f"{kind}_on", []):
         raise RuntimeError(f"injected {kind} failure for study {study_id}")
+    if study_id in entry.model_kwargs.get("slow_on", []):
+        time.sleep(float(entry.model_kwargs.get("slow_s", 1.0)))
+
+
+def _maybe_out_of_memory(entry, batch_size: int) -> None:
+    limit = entry.model_kwargs.get("oom_over")
+    if limit is None:
+        return
+    if batch_size > limit:
+        activations = torch.ones(batch_size, 256, 256)
+        OOM_PROBES.append(weakref.ref(activations))
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory (injected): batch {batch_size} > {limit}")
+    if OOM_PROBES:
+        OOM_FREED.append(all(r() is None for r in OOM_PROBES))
 
 
 class FakeSag(KeypointFamily):
     name = "sag2d"
+    options_type = FakeOptions
 
     def build(self) -> nn.Module:
+        BUILD_ENV.append(os.environ.get("HF_HUB_OFFLINE"))
         h, w = self.spec.size[-2:]
         return _Net(h * w, 10)
 
@@ -112,6 +158,7 @@ class FakeSag(KeypointFamily):
 
 
 class FakeGrader(GradingFamily):
+    options_type = FakeOptions
     name = "roi"
     patch = 8
 
@@ -148,6 +195,7 @@ class FakeGrader(GradingFamily):
         return {"x": torch.zeros(batch_size, 1, 5 * self.patch, self.patch), "sid": torch.zeros(batch_size, 1)}
 
     def run(self, model, batch, tta=False):
+        _maybe_out_of_memory(self.entry, len(batch["x"]))
         y = model(batch).view(-1, 5, 5, 3)
         if tta:
             y = (y + model({"x": batch["x"].flip(-1)}).view(-1, 5, 5, 3)) / 2

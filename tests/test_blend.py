@@ -62,7 +62,38 @@ def test_member_covering_one_group_only_gets_weight_there():
     oof = OofSet(oof.members, oof.study_ids, oof.logits, masks, oof.labels)
     fit = fit_blend(oof)
     assert fit.weights[1, GROUPS.index("foraminal")] == 0 and fit.weights[1, GROUPS.index("subarticular")] == 0
-    assert fit.weights[0, GROUPS.index("foraminal")] == 1
+    # a is the only foraminal member: all of it, or none when the priors do better
+    wa = fit.weights[0, GROUPS.index("foraminal")]
+    assert wa == (0.0 if fit.choice["foraminal"] == "priors" else 1.0)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_blend_is_never_worse_than_the_priors_or_any_member_in_any_group(seed):
+    """A member worse than the priors in some group (noise where it has no skill, or
+    confidently wrong) never drags the blend below the priors or the best member there."""
+    from rsna_infer.train.blend import group_loss
+
+    rng = np.random.default_rng(100 + seed)
+    labels = _labels(rng)
+    good = _member(rng, labels, {"spinal": 2.0, "foraminal": 0.0, "subarticular": 1.0})
+    wrong = -3.0 * _member(rng, labels, {"spinal": 1.0, "foraminal": 1.0, "subarticular": 0.5})  # confidently wrong
+    noise = rng.normal(0, 2.0, size=good.shape)
+    masks = np.ones((3, S, 5, 5), bool)
+    masks[2, :, 0] = False  # "noise" does not predict spinal
+    oof = OofSet(["good", "noise", "wrong"], np.arange(S), np.stack([good, noise, wrong]), masks, labels)
+    fit = fit_blend(oof)
+    for g in GROUPS:
+        gi = GROUPS.index(g)
+        options = [group_loss(fit.prior_score, g)] + [group_loss(fit.member_scores[m], g)
+                                                      for i, m in enumerate(oof.members) if fit.coverage[i, gi]]
+        assert group_loss(fit.blend_score, g) <= min(options) + 1e-9, (g, fit.history)
+    assert fit.blend_score["total"] <= min(min(s["total"] for s in fit.member_scores.values()),
+                                           fit.prior_score["total"]) + 1e-9
+    # the foraminal group has no member with any skill: the priors win and every weight there is 0
+    assert fit.choice["foraminal"] == "priors" and np.all(fit.weights[:, GROUPS.index("foraminal")] == 0)
+    # and the predictor's blend then gives exactly the priors there
+    probs = blend_logits(oof.logits, oof.masks, fit.weights, priors_from_labels(labels))
+    np.testing.assert_allclose(probs[:, 1:3], np.broadcast_to(priors_from_labels(labels)[1:3], probs[:, 1:3].shape))
 
 
 def _write_oof(path, member, fold, ids, logits, mask, labels):
@@ -101,7 +132,8 @@ def test_cli_aligns_folds_and_writes_weights(tmp_path, capsys):
     args = p.parse_args([str(runs["a"]), str(runs["b"]), "--manifest", str(man_path), "--out", str(tmp_path / "blended.json")])
     assert run_cli(args) == 0
     out = capsys.readouterr().out
-    assert "fitted blend" in out and "a " in out
+    assert "fitted blend" in out and "a " in out and "class priors" in out
+    assert "spinal: " in out and "foraminal: " in out and "subarticular: " in out  # what each group chose
     man = load_manifest(tmp_path / "blended.json")
     per_member = {}
     for e in man.stage2:
@@ -111,6 +143,8 @@ def test_cli_aligns_folds_and_writes_weights(tmp_path, capsys):
     for g in GROUPS:  # folds share their member's weight; members sum to 1 per group
         assert sum(per_member[m][g] for m in per_member) == pytest.approx(1.0, abs=1e-5)
     assert per_member["a"]["spinal"] > per_member["b"]["spinal"]
+    assert man.prior_groups == ()  # every group has a member that beats the priors
+    man.check_blend_groups()
 
 
 def test_set_blend_weights_rejects_unknown_member(tmp_path):
@@ -128,3 +162,23 @@ def test_load_oof_rejects_conflicting_labels(tmp_path):
     _write_oof(tmp_path / "b" / "oof_f0.npz", "b", 0, oof.study_ids, oof.logits[1], oof.masks[1], bad)
     with pytest.raises(ValueError, match="disagree"):
         load_oof([tmp_path / "oof_f0.npz", tmp_path / "b"])
+
+
+def test_mixed_splits_are_refused(tmp_path, capsys):
+    oof = _oof(5)
+    for name, split in (("a", "1111111111111111"), ("b", "2222222222222222")):
+        (tmp_path / name).mkdir()
+        np.savez_compressed(tmp_path / name / "oof_f0.npz", member=np.array(name), fold=np.int64(0), split=np.array(split),
+                            study_ids=oof.study_ids, logits=oof.logits[0], mask=oof.masks[0], labels=oof.labels)
+    with pytest.raises(ValueError, match=r"1111111111111111 .*a/oof_f0.npz.* vs 2222222222222222 .*b/oof_f0.npz"):
+        load_oof([tmp_path / "a", tmp_path / "b"])
+    # a manifest of another split than its out-of-fold files
+    entries = [_entry("a_f0", 0, tmp_path)]
+    man_path = save_manifest(Manifest(models=entries, root=tmp_path, split="3333333333333333"), tmp_path / "m.json")
+    import argparse
+
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run_cli(p.parse_args([str(tmp_path / "a"), "--manifest", str(man_path)])) == 2
+    out = capsys.readouterr().out
+    assert "3333333333333333" in out and "1111111111111111" in out

@@ -119,3 +119,25 @@ def test_build_wheel_offline_bundle(tmp_path: Path) -> None:
     assert (out_dir / "weights" / "weights" / "a.safetensors").read_bytes() == blob
     assert (out_dir / "weights" / "demo_manifest.json").is_file()
     assert "weights/demo_manifest.json" in done.stdout
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_demo_weights_are_reported_as_demo_wherever_they_are(tmp_path: Path, phantom_test_root: Path) -> None:
+    """Recognised by sha256, not by path: a copy of the demo weights under another name is a
+    demo bundle for build_wheel.sh, for --merge and for predict."""
+    from rsna_infer.manifest import demo_entries, load_manifest
+
+    copy = tmp_path / "my_weights"
+    shutil.copytree(REPO / "rsna_infer" / "demo", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "weights_manifest.json").rename(copy / "final.json")
+    assert demo_entries(load_manifest(copy / "final.json"))
+    done = subprocess.run(["bash", str(SCRIPT), "--no-download", "--manifest", "final.json", str(copy), str(tmp_path / "out")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "DEMO weights" in done.stderr and "meaningless on real MRI" in done.stderr
+    import rsna_infer
+
+    rsna_infer.predict(phantom_test_root, tmp_path / "sub" / "submission.csv", manifest=copy / "final.json", device="cpu",
+                       num_workers=0, progress=False)
+    report = json.loads((tmp_path / "sub" / "run_report.json").read_text())
+    assert report["manifest"]["demo"] is True and any("DEMO" in w for w in report["warnings"])

@@ -103,9 +103,36 @@ def test_admit_gives_priors_when_even_the_cheapest_plan_cannot_fit():
 def test_before_any_measurement_everything_runs():
     clock = Clock()
     g = _guard(50, clock)
-    assert g.choose(1000).label == "full" and g.admit(16) == 16
+    assert g.choose(1000).label == "full" and g.admit(16) == 16 and not g.measured
     clock.t = 60
     assert g.admit(16) == 0
+
+
+def test_no_time_left_is_logged_and_recorded_even_before_a_measurement(caplog):
+    clock = Clock()
+    g = _guard(50, clock)
+    clock.t = 60
+    with caplog.at_level("WARNING"):
+        assert g.admit(16) == 0
+        assert g.admit(16) == 0
+    assert [e.action for e in g.events] == ["priors for the rest"]  # once
+    assert caplog.text.count("no time left") == 1 and "before any study was measured" in caplog.text
+    assert g.to_dict()["shed"][0]["action"] == "priors for the rest"
+
+
+def test_hard_deadline_leaves_less_reserve_than_the_planning_deadline():
+    g = DeadlineGuard(1000.0, build_ladder(ENTRIES, tta=True), clock=Clock())
+    assert g.start + 1000.0 > g.hard_deadline > g.deadline
+
+
+def test_the_first_projection_is_logged(caplog):
+    clock = Clock()
+    g = _guard(10_000, clock)
+    _chunk(g, clock, 10, 1.0, COST, g.choose(100))
+    with caplog.at_level("INFO", logger="rsna_infer.deadline"):
+        g.choose(90)
+        g.choose(80)
+    assert caplog.text.count("projected finish") == 1 and "plan 'full'" in caplog.text
 
 
 def test_bad_budget_rejected():
@@ -120,3 +147,18 @@ def test_report_dict():
     g.choose(90)
     d = g.to_dict()
     assert d["final_plan"] == "tta off" and d["shed"][0]["action"] == "tta off" and d["studies_given_priors"] == 0
+
+
+def test_streaming_loads_are_a_cost_per_chunk_spread_over_its_studies():
+    """A one-study probe chunk that spent 8 s moving streamed weights must not make every
+    study look 8 s dearer: loads count per chunk, spread over the run's chunk size, and a
+    member shed takes its loads with it."""
+    from rsna_infer.deadline import DeadlineGuard, Plan
+
+    clock = lambda: 0.0  # noqa: E731
+    full = Plan(True, frozenset({"a", "b"}))
+    guard = DeadlineGuard(1000.0, [full, Plan(True, frozenset({"a"}), "drop b")], clock=clock, chunk_studies=16)
+    guard.observe(1, wall_s=10.0, member_s={"a": 0.5, "b": 0.5}, tta=True, load_s={"a": 4.0, "b": 4.0})
+    # fixed = 10 - 1 (models) - 8 (loads) = 1 s per study; loads 8 s per chunk of 16 = 0.5 s per study
+    assert guard.cost_per_study(full) == pytest.approx(1.0 + 1.0 + 0.5)
+    assert guard.cost_per_study(guard.ladder[1]) == pytest.approx(1.0 + 0.5 + 0.25)

@@ -58,20 +58,18 @@ def test_sagittal_point_projects_into_an_oblique_axial_stack():
     ax = _stack(_oblique_axial(12.0), [0.0, 3.0, 6.5, 10.0], (48, 48), (0.7, 0.7), (-15.0, -45.0, 0.0))
     # a point on slice 5 (x = 20 - 20 = 0 mm: mid-sagittal), row 30, column 25 of the sagittal stack
     world = sag.to_world([5, 30, 25])
-    zyx = g.project(ax, world)
+    zyx = ax.to_voxel(world)
     np.testing.assert_allclose(ax.to_world(zyx), world, atol=1e-9)
     np.testing.assert_allclose(g.transfer(sag, [5, 30, 25], ax), zyx)
-    idx, dist = g.nearest_slice(ax, world)
-    assert idx == int(np.clip(np.rint(zyx[0]), 0, 3))
-    assert dist == pytest.approx(abs(world @ ax.normal - ax.slice_offsets[idx]))
-    assert g.covers(ax, world) == (-0.5 <= zyx[0] <= 3.5 and -0.5 <= zyx[1] <= 47.5 and -0.5 <= zyx[2] <= 47.5)
+    assert ax.nearest_slice(world) == int(np.clip(np.rint(zyx[0]), 0, 3))
+    assert ax.contains(world) == (-0.5 <= zyx[0] <= 3.5 and -0.5 <= zyx[1] <= 47.5 and -0.5 <= zyx[2] <= 47.5)
 
 
-def test_covers_is_false_for_levels_outside_an_axial_block():
+def test_contains_is_false_for_levels_outside_an_axial_block():
     ax = _stack(AX, [0.0, 4.0, 8.0], (32, 32), (1.0, 1.0), (0.0, 0.0, 100.0))
     pts = np.array([[10.0, 10.0, 104.0], [10.0, 10.0, 130.0], [10.0, 10.0, 111.0]])  # 3 mm past the last slice
-    np.testing.assert_array_equal(g.covers(ax, pts), [True, False, False])
-    np.testing.assert_array_equal(g.covers(ax, pts, margin_mm=3.0), [True, False, True])
+    np.testing.assert_array_equal(ax.contains(pts), [True, False, False])
+    np.testing.assert_array_equal(ax.contains(pts, margin_mm=3.0), [True, False, True])
 
 
 def test_distances():
@@ -107,3 +105,17 @@ def test_sample_plane_reproduces_a_slice_and_reslices_between_series():
     ax = _stack(AX, [0.0, 2.0], (10, 10), (1.5, 1.5), (-5.0, -15.0, 5.0), fill=_linear)
     resliced = g.reslice_like(sag, ax, 1)
     np.testing.assert_allclose(resliced, ax.pixels[1], rtol=1e-5, atol=1e-3)
+
+
+@pytest.mark.parametrize("skew", [0.0, 1e-6, 1e-3, 0.05])
+def test_orthonormal_axes_is_the_symmetric_nearest_pair(skew):
+    r, c = np.array([1.0, 0.0, 0.0]), np.array([skew, 1.0, 0.0])
+    r2, c2, s = g.orthonormal_axes(r, c)
+    assert s == pytest.approx(abs(g.unit(r) @ g.unit(c)))
+    assert abs(r2 @ c2) < 1e-12 and np.linalg.norm(r2) == pytest.approx(1) and np.linalg.norm(c2) == pytest.approx(1)
+    # both axes turn by the same angle, within the plane they span
+    turn_r, turn_c = np.arccos(np.clip(r2 @ g.unit(r), -1, 1)), np.arccos(np.clip(c2 @ g.unit(c), -1, 1))
+    assert turn_r == pytest.approx(turn_c, abs=1e-9)
+    np.testing.assert_allclose(np.cross(r2, c2), g.unit(np.cross(r, c)), atol=1e-12)
+    with pytest.raises(ValueError, match="parallel"):
+        g.orthonormal_axes(r, r)

@@ -176,3 +176,28 @@ def test_same_anatomy_in_either_slice_order_gives_the_same_input(view, a, b):
     pa = prepare_volume(blob_volume(a, pts), view, (15, 32, 32), NormSpec())
     pb = prepare_volume(blob_volume(b, pts), view, (15, 32, 32), NormSpec())
     np.testing.assert_allclose(pa.image, pb.image, atol=1e-4)
+
+
+def test_canonical_resize_without_the_full_copy_gives_the_same_numbers():
+    """Resizing the source slices where they lie and reordering the small result equals
+    resizing the canonical copy (slice order reversed, subsets, every slice); an in-plane flip
+    takes the copying path; inside `shared_resizes` a repeated request is the same array."""
+    from rsna_infer.imaging import canonical_slices_resized, shared_resizes
+
+    cases = [sagittal((9, 40, 48)), sagittal((9, 40, 48), toward_left=True), axial((12, 44, 40)),
+             axial((12, 44, 40), flipped_lr=True)]
+    for vol in cases:
+        for view in ("sagittal", "axial"):
+            o = orient(vol, view)
+            canon = o.apply(vol.pixels)
+            for idx in (None, np.arange(canon.shape[0])[::-1], np.array([0, 3, 3, 8]), np.array([2])):
+                want = resize_slices(canon if idx is None else canon[idx], (16, 20))
+                got = canonical_slices_resized(vol, o, idx, (16, 20))
+                np.testing.assert_array_equal(got, want)
+    vol = axial((12, 44, 40))
+    o = orient(vol, "axial")
+    with shared_resizes():
+        a = canonical_slices_resized(vol, o, None, (16, 16))
+        assert canonical_slices_resized(vol, o, None, (16, 16)) is a
+        assert canonical_slices_resized(vol, o, np.arange(3), (16, 16)) is not a
+    assert canonical_slices_resized(vol, o, None, (16, 16)) is not a  # nothing kept after the context

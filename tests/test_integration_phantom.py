@@ -56,6 +56,11 @@ MESSY = {
     "mixed_slice_size_rate": 1.0,
     "transfer_syntax": "mixed",
     "flipped_axes_rate": 1.0,
+    "mixed_fov_rate": 1.0,
+    "parallel_block_rate": 1.0,
+    "missing_spacing_rate": 1.0,
+    "no_meta_rate": 0.5,
+    "enhanced_rate": 0.5,
 }
 SERIES_OF_KIND = {"spinal": SAG_T2, "foraminal": SAG_T1, "subarticular": AXIAL_T2}
 PATIENT_LEFT = np.array([1.0, 0.0, 0.0])

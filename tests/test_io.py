@@ -64,19 +64,29 @@ def _assert_same_geometry(a: Volume, b: Volume) -> None:
     np.testing.assert_allclose(a.spacing, b.spacing)
 
 
+def _needs_decoder(name: str) -> str:
+    """The test file's path; the test is skipped when its transfer syntax has no decoder here
+    (the JPEG-LS / JPEG 2000 plugins come with the optional ``[dicom]`` extra)."""
+    path = get_testdata_file(name)
+    problem = dicom_mod.decoder_problem(str(pydicom.dcmread(path, stop_before_pixels=True).file_meta.TransferSyntaxUID))
+    if problem is not None:
+        pytest.skip(problem)
+    return path
+
+
 # -- single files -----------------------------------------------------------------------------
-def test_all_mr_small_transfer_syntaxes_decode_to_the_same_pixels():
+@pytest.mark.parametrize("name", MR_VARIANTS)
+def test_all_mr_small_transfer_syntaxes_decode_to_the_same_pixels(name):
     ref = pydicom.dcmread(get_testdata_file("MR_small.dcm")).pixel_array.astype(np.float32)
-    for name in MR_VARIANTS:
-        rec = read_slice(get_testdata_file(name))
-        assert rec.ok, (name, rec.error)
-        np.testing.assert_array_equal(rec.image(), ref, err_msg=name)
-        np.testing.assert_allclose(rec.position, [-83.9063, -91.2, 6.6406])
-        assert rec.pixel_spacing == (0.3125, 0.3125)
+    rec = read_slice(_needs_decoder(name))
+    assert rec.ok, (name, rec.error)
+    np.testing.assert_array_equal(rec.image(), ref, err_msg=name)
+    np.testing.assert_allclose(rec.position, [-83.9063, -91.2, 6.6406])
+    assert rec.pixel_spacing == (0.3125, 0.3125)
 
 
 def test_mr_small_reads_as_a_one_slice_axial_volume(tmp_path):
-    shutil.copy(get_testdata_file("MR_small_jpeg_ls_lossless.dcm"), tmp_path / ".a")  # hidden names are read too
+    shutil.copy(_needs_decoder("MR_small_jpeg_ls_lossless.dcm"), tmp_path / ".a")  # hidden names are read too
     (vol,) = read_series(tmp_path, series_id=5, description=AXIAL_T2)
     assert vol.shape == (1, 64, 64) and vol.series_id == 5 and vol.description == AXIAL_T2
     np.testing.assert_allclose(vol.normal, [0, 0, 1])
@@ -394,6 +404,46 @@ def test_discovery_of_a_root_without_images_fails_with_a_hint(tmp_path):
         discover_studies(tmp_path / "missing")
 
 
+def test_no_studies_is_explained_with_the_paths_looked_at(tmp_path):
+    from rsna_infer.io import describe_no_studies
+
+    _make_root(tmp_path)
+    assert discover_studies(tmp_path, split="train") == []
+    msg = describe_no_studies(tmp_path, split="train")
+    assert f"{tmp_path / 'train_series_descriptions.csv'} (missing)" in msg and f"{tmp_path / 'train_images'}/ (missing)" in msg
+    assert "pass --split test" in msg
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "pass the competition folder that holds test_images/" in describe_no_studies(empty)
+    assert "does not exist" in describe_no_studies(tmp_path / "nowhere")
+    (empty / "test_series_descriptions.csv").write_text("study_id,series_id,series_description\n")
+    assert discover_studies(empty) == [] and "(lists no studies)" in describe_no_studies(empty)
+
+
+@pytest.mark.parametrize("content, match", [
+    (b"\xff\xfe\x00garbage\x00\xff", "not a readable series CSV"),
+    (b"study_id,series_id,series_description\n1,abc,Axial T2\n", "must be integers"),
+    (b"", "not a readable series CSV"),
+])
+def test_a_broken_series_csv_names_the_file(tmp_path, content, match):
+    (tmp_path / "test_series_descriptions.csv").write_bytes(content)
+    with pytest.raises(ValueError, match=match) as e:
+        discover_studies(tmp_path)
+    assert str(tmp_path / "test_series_descriptions.csv") in str(e.value)
+
+
+def test_folders_the_csv_does_not_list_are_counted_in_the_log(tmp_path, caplog):
+    import logging
+
+    _make_root(tmp_path)
+    write_volume(tmp_path / "test_images" / "777" / "1", _volume([0.0, 4.0], seed=9))
+    with caplog.at_level(logging.INFO, logger="rsna_infer.io.discovery"):
+        discover_studies(tmp_path)
+    by_level = {r.levelname: r.getMessage() for r in caplog.records if "not listed" in r.getMessage()}
+    assert "1 study folder(s)" in by_level["WARNING"] and "777" in by_level["WARNING"]
+    assert "1 series folder(s)" in by_level["INFO"] and "1/99" in by_level["INFO"]
+
+
 def test_load_study_fills_volumes_by_type_and_warnings(tmp_path):
     _make_root(tmp_path)
     s1, s2, s3 = discover_studies(tmp_path)
@@ -475,3 +525,24 @@ def test_load_study_ranks_in_plane_stacks_first_and_flags_a_mislabelled_series(t
     assert [v.shape[0] for v in t2] == [4, 8] and plane_of(t2[0].normal) == "sagittal"
     assert study.first(SAG_T1) is not None
     assert any("no sagittal stack in a Sagittal T1 series" in w for w in study.warnings)
+
+
+@pytest.mark.parametrize("enhanced, bare, ts", [
+    (True, False, pydicom.uid.ExplicitVRLittleEndian),
+    (False, True, pydicom.uid.ExplicitVRBigEndian),
+    (True, True, pydicom.uid.ImplicitVRLittleEndian),
+])
+def test_writer_round_trips_enhanced_and_bare_files(tmp_path, enhanced, bare, ts):
+    img = np.arange(20).reshape(4, 5) * 131
+    p = write_slice(tmp_path / "a.dcm", img, position=(1, 2, 3), orientation=SAG_IOP, pixel_spacing=(0.5, 0.7),
+                    rescale=(2.0, -5.0), echo_time=90.0, repetition_time=3000.0, transfer_syntax=ts,
+                    enhanced=enhanced, bare=bare)
+    assert (p.read_bytes()[128:132] == b"DICM") != bare
+    ds = pydicom.dcmread(p, force=True)
+    assert ("PerFrameFunctionalGroupsSequence" in ds) == enhanced and ("ImagePositionPatient" in ds) != enhanced
+    rec = read_slice(p)
+    assert rec.ok, rec.error
+    np.testing.assert_allclose(rec.image(), img * 2.0 - 5.0)
+    np.testing.assert_allclose(rec.position, [1, 2, 3])
+    np.testing.assert_allclose(rec.orientation, SAG_IOP)
+    assert rec.pixel_spacing == (0.5, 0.7) and rec.echo_time == 90.0 and rec.repetition_time == 3000.0

@@ -16,6 +16,7 @@ from rsna_infer.manifest import (
     export_model,
     load_manifest,
     load_weights,
+    manifest_from_dict,
     resolve_manifest_path,
     save_manifest,
     sha256_file,
@@ -146,6 +147,10 @@ def test_sha256_mismatch_fails_naming_the_file(exported):
         ({"models": [_entry(sha256="xyz")]}, "sha256 must be 64"),
         ({"models": {}}, "'models' must be a list"),
         ({"version": 2, "models": []}, "version 2 is not supported"),
+        ({"version": True, "models": []}, "version True is not supported"),  # a bool is not the integer 1
+        ({"models": [_entry(fold=True)]}, r"models\[0\].*fold must be an integer, got True"),
+        ({"models": [_entry(fold=1.5)]}, "fold must be an integer"),
+        ({"models": [_entry(arch="hf-hub:timm/resnet18.a1_in1k")]}, r"models\[0\].*'hf-hub:timm/resnet18.a1_in1k' names a model hub entry"),
         ({"models": [], "priors": [[0.5, 0.5]]}, r"priors must have shape"),
         ({"models": [], "priors": [0.5, 0.6, 0.1]}, "sum to 1"),
         ({"models": [], "priors": [0.5, np.nan, 0.5]}, "finite"),
@@ -253,7 +258,8 @@ def test_importing_the_manifest_module_does_not_import_torch():
 
 
 def test_top_level_manifest_is_a_valid_competition_template():
-    """weights_manifest.json lists the full ensemble (real archs, no weights shipped)."""
+    """weights_manifest.json lists the full ensemble (real archs, every fold, no weights shipped);
+    tests/test_train_recipes.py checks that it is exactly what configs/ generate."""
     from pathlib import Path
 
     import timm
@@ -264,14 +270,15 @@ def test_top_level_manifest_is_a_valid_competition_template():
 
     path = Path(__file__).resolve().parents[1] / "weights_manifest.json"
     man = load_manifest(path, check_files=False)
-    assert "TEMPLATE" in man.notes and len(man.stage1) == 7 and len(man.stage2) >= 20
+    assert "TEMPLATE" in man.notes and len(man.stage1) == 7 * 5 and len(man.stage2) >= 10 * 5
     assert {m.family for m in man.models} == {"sag2d", "sag3d", "axial3d", "axial_level", "axial_xy", "fusion", "roi"}
+    assert {m.arch for m in man.stage2} >= {"pvt_v2_b1", "pvt_v2_b2", "convnext_tiny", "convnext_small", "densenet161"}
     for m in man.models:
         make_family(m)  # variant, kwargs and input spec accepted by the real family
         assert (timm_3d if m.family in ("sag3d", "axial3d") else timm).is_model(m.arch), m.arch
         assert m.file == f"weights/{m.name}.safetensors"
     assert (member_weights(man.stage2).sum(0) > 0).all()  # every condition group has members
-    with pytest.raises(ManifestError, match=r"weights file not found: .*weights/sag2d_t2"):
+    with pytest.raises(ManifestError, match=r"weights file not found: .*weights/sag2d_t\d_convnext_tiny_f0"):
         load_manifest(path)
 
 
@@ -282,3 +289,70 @@ def test_export_is_byte_reproducible(tmp_path):
     entry = ModelEntry.from_dict(_entry(file="-"))
     hashes = {export_model(model, entry, tmp_path / f"run{i}").sha256 for i in range(4)}
     assert len(hashes) == 1
+
+
+def _prediction_manifest(tmp_path, **over):
+    entries = [_entry(name="m0", blend={"spinal": 1.0, "foraminal": 1.0, "subarticular": 1.0}, **over)]
+    return manifest_from_dict({"models": entries}, root=tmp_path)
+
+
+@pytest.mark.parametrize("file, match", [
+    ("/abs/weights/m0.safetensors", "is an absolute path"),
+    ("../other/m0.safetensors", "lies outside the manifest's folder"),
+    ("weights/../../m0.safetensors", "lies outside the manifest's folder"),
+])
+def test_prediction_needs_the_weights_inside_the_manifest_folder(tmp_path, file, match):
+    man = _prediction_manifest(tmp_path, file=file)
+    with pytest.raises(ManifestError, match=match):
+        man.check_for_prediction()
+    _prediction_manifest(tmp_path, file="weights/sub/../m0.safetensors").check_for_prediction()  # stays inside
+
+
+def test_training_manifests_may_still_reference_weights_elsewhere(exported, tmp_path):
+    _, path = exported
+    out = save_manifest(load_manifest(path), tmp_path / "sub" / "merged.json")
+    man = load_manifest(out, verify=True)  # '../../weights/m0.safetensors': loads for training tools
+    with pytest.raises(ManifestError, match="outside the manifest's folder"):
+        man.check_for_prediction()
+
+
+def test_a_condition_group_without_any_blend_weight_is_refused(tmp_path):
+    zero = manifest_from_dict({"models": [_entry(blend={"spinal": 1.0}), _entry(name="m1", blend={"foraminal": 0.0, "spinal": 2.0})]},
+                              root=tmp_path)
+    with pytest.raises(ManifestError, match=r"condition group\(s\) \['foraminal', 'subarticular'\] sum to zero"):
+        zero.check_blend_groups()
+    manifest_from_dict({"models": [_entry(blend={})]}, root=tmp_path).check_blend_groups()  # no blend: 1 everywhere
+    manifest_from_dict({"models": []}, root=tmp_path).check_blend_groups()  # no stage 2: the predictor warns instead
+
+
+def test_prior_groups_allow_a_group_fitted_to_the_priors_and_nothing_else(tmp_path):
+    models = [_entry(blend={"spinal": 1.0, "foraminal": 0.0, "subarticular": 1.0})]
+    man = manifest_from_dict({"prior_groups": ["foraminal"], "models": models}, root=tmp_path)
+    man.check_blend_groups()  # foraminal's zero weights are meant
+    assert man.prior_groups == ("foraminal",) and man.to_dict()["prior_groups"] == ["foraminal"]
+    with pytest.raises(ManifestError, match=r"\['foraminal'\] are listed in 'prior_groups' but stage-2 members have a positive"):
+        manifest_from_dict({"prior_groups": ["foraminal"], "models": [_entry(blend={})]}, root=tmp_path).check_blend_groups()
+    with pytest.raises(ManifestError, match="'prior_groups' \\['spine'\\] are not condition groups"):
+        manifest_from_dict({"prior_groups": ["spine"], "models": models}, root=tmp_path)
+    with pytest.raises(ManifestError, match="'prior_groups' must be a list"):
+        manifest_from_dict({"prior_groups": "foraminal", "models": models}, root=tmp_path)
+
+
+def test_verify_fails_a_manifest_that_cannot_predict(tmp_path, monkeypatch, capsys):
+    use_fake_families(monkeypatch)
+    entries = fake_entries()
+    entries[3]["blend"] = entries[4]["blend"] = {"spinal": 1.0}
+    path = make_random_manifest(tmp_path, entries)
+    assert cli.main(["manifest", "verify", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  manifest:" in out and "sum to zero" in out and "5/5 model(s) verified" in out
+
+
+def test_hub_architecture_names_never_reach_timm(monkeypatch):
+    import timm
+
+    from rsna_infer.backbones import create_backbone
+
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was asked for a hub model"))
+    with pytest.raises(ValueError, match="names a model hub entry"):
+        create_backbone("hf-hub:timm/convnext_tiny.fb_in1k")

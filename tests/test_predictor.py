@@ -126,6 +126,8 @@ def test_unreadable_study_gets_priors(fam, tmp_path):
     df, rep = _run(root, _manifest(tmp_path), tmp_path / "a")
     assert rep["studies"]["22"]["status"] == "fallback" and rep["studies"]["21"]["status"] == "ok"
     assert len(df) == 50
+    assert any("none of the study's 18 DICOM file(s)" in e for e in rep["studies"]["22"]["errors"])
+    assert rep["summary"]["studies_with_errors"] == 1
 
 
 def test_report_contents(fam, root, tmp_path):
@@ -237,7 +239,8 @@ def test_cli_predict(fam, root, tmp_path, capsys):
     assert len(pd.read_csv(out)) == 175
     assert json.loads((out.parent / "run_report.json").read_text())["settings"]["tta"] is False
     assert cli.main(["predict", str(root), "--out", str(out), "--manifest", str(tmp_path / "none.json")]) == 1
-    assert "manifest not found" in capsys.readouterr().out
+    err = capsys.readouterr().err
+    assert "manifest not found" in err and "Traceback" not in err
 
 
 def test_an_unexpected_error_mid_run_still_writes_a_valid_submission(fam, root, tmp_path, monkeypatch):
@@ -246,11 +249,11 @@ def test_an_unexpected_error_mid_run_still_writes_a_valid_submission(fam, root, 
     real_take = streaming.StudyStream.take
     calls = []
 
-    def take(self, n):
+    def take(self, n, **kw):
         calls.append(n)
         if len(calls) == 2:
             raise OSError("disk went away")
-        return real_take(self, n)
+        return real_take(self, n, **kw)
 
     monkeypatch.setattr(streaming.StudyStream, "take", take)
     df, rep = _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=3)
@@ -263,10 +266,10 @@ def test_an_unexpected_error_mid_run_still_writes_a_valid_submission(fam, root, 
 def test_a_chunk_that_raises_costs_only_that_chunk(fam, root, tmp_path, monkeypatch):
     real = Predictor.run_chunk
 
-    def run_chunk(self, loaded, plan, replica=0):
+    def run_chunk(self, loaded, plan, replica=0, *more):
         if any(ls.study_id == 15 for ls in loaded):
             raise RuntimeError("boom")
-        return real(self, loaded, plan, replica)
+        return real(self, loaded, plan, replica, *more)
 
     monkeypatch.setattr(Predictor, "run_chunk", run_chunk)
     df, rep = _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=2)
@@ -279,3 +282,114 @@ def test_a_chunk_that_raises_costs_only_that_chunk(fam, root, tmp_path, monkeypa
 def test_a_bad_time_budget_fails_before_anything_runs(fam, root, tmp_path, budget):
     with pytest.raises(ValueError, match="time_budget_s must be a positive number"):
         _run(root, tmp_path / "never_read.json", tmp_path / "a", time_budget_s=budget)
+
+
+def test_with_a_budget_a_one_study_probe_chunk_measures_the_costs_first(fam, root, tmp_path, monkeypatch):
+    sizes = []
+    real = Predictor.run_chunk
+
+    def run_chunk(self, loaded, plan, replica=0):
+        sizes.append(len(loaded))
+        return real(self, loaded, plan, replica)
+
+    monkeypatch.setattr(Predictor, "run_chunk", run_chunk)
+    _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=3, time_budget_s=3600.0)
+    assert sizes == [1, 3, 3]
+    sizes.clear()
+    _run(root, _manifest(tmp_path), tmp_path / "b", chunk_size=3)
+    assert sizes == [3, 3, 1]  # without a budget nothing is probed
+
+
+def test_a_budget_already_spent_gives_priors_with_a_log_line_and_a_shed_entry(fam, root, tmp_path, caplog):
+    from rsna_infer.io import discover_studies
+
+    man = _manifest(tmp_path)
+    fakes.CLOCK.t = 1000.0
+    pred = Predictor(man, device="cpu", finalize=KEEP, clock=fakes.CLOCK)
+    with caplog.at_level(logging.WARNING):
+        res = pred.run(discover_studies(root), num_workers=0, time_budget_s=10.0, start=fakes.CLOCK.t - 20.0, progress=False)
+    assert "no time left" in caplog.text
+    assert [e["action"] for e in res.deadline["shed"]] == ["priors for the rest"]
+    assert res.deadline["studies_given_priors"] == len(IDS)
+    assert {r.status for r in res.records.values()} == {"skipped"}
+
+
+def test_workers_that_cannot_start_move_loading_in_process(fam, root, tmp_path, monkeypatch):
+    import rsna_infer.streaming as streaming
+
+    def broken(threads):
+        raise RuntimeError("no worker can start here")
+
+    monkeypatch.setattr(streaming, "_worker_init", broken)
+    clean, _ = _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=3)
+    df, rep = _run(root, _manifest(tmp_path), tmp_path / "b", chunk_size=3, num_workers=2)
+    pd.testing.assert_frame_equal(clean, df, check_exact=True)
+    assert any("loading continues in-process" in w for w in rep["warnings"])
+
+
+def test_a_study_that_hurt_a_worker_is_never_loaded_in_process():
+    from rsna_infer.streaming import StudyStream
+
+    class Ref:
+        study_id = 5
+        series = []
+
+    stream = StudyStream([Ref()], [], num_workers=0)
+    stream._attempts[5] = 1
+    (ls,) = stream.take(1)
+    assert ls.study is None and "never run in the main process" in ls.errors[0]
+
+
+def test_spawned_workers_give_the_same_result(fam, root, tmp_path):
+    from rsna_infer.io import discover_studies
+
+    man = _manifest(tmp_path)
+    pred = Predictor(man, device="cpu", finalize=KEEP)
+    refs = discover_studies(root)
+    a = pred.run(refs, num_workers=0, chunk_size=3, progress=False)
+    b = pred.run(refs, num_workers=2, chunk_size=3, progress=False, start_method="spawn")
+    assert sorted(a.probs) == sorted(b.probs)
+    for sid in a.probs:
+        np.testing.assert_array_equal(a.probs[sid], b.probs[sid])
+    assert b.faults["worker_processes"]["started"] == 2 and b.faults["workers"] == []
+
+
+def test_a_fold_group_collates_and_copies_each_batch_once(fam, root, tmp_path, monkeypatch):
+    """The two t2 folds share their batches: collate runs once per batch, not once per fold,
+    and the fold outputs are still each fold's own (averaged before decode, see above)."""
+    calls = []
+    real = fakes.FakeSag.collate
+
+    def collate(self, samples):
+        calls.append((self.entry.variant, len(samples)))
+        return real(self, samples)
+
+    monkeypatch.setattr(fakes.FakeSag, "collate", collate)
+    _run(root, _manifest(tmp_path), tmp_path / "a", chunk_size=7)
+    t2 = [n for v, n in calls if v == "t2"]
+    assert t2 == [6], calls  # one batch of the 6 studies with a Sagittal T2 (13 has none), for both folds
+
+
+def test_streamed_members_match_resident_and_a_member_that_cannot_be_loaded_costs_only_its_output(
+        fam, root, tmp_path, monkeypatch):
+    from rsna_infer.members import LoadedMember
+
+    man = _manifest(tmp_path)
+    resident, _ = _run(root, man, tmp_path / "a", chunk_size=3)
+    streamed, rep = _run(root, man, tmp_path / "b", chunk_size=3, members="streamed")
+    pd.testing.assert_frame_equal(resident, streamed, check_exact=True)
+    assert rep["memory"]["mode"] == "streamed" and rep["memory"]["loads"] >= 3 * 3  # groups x chunks
+
+    real = LoadedMember.to_device
+
+    def to_device(self):
+        if self.name == "grade_spinal":
+            raise RuntimeError("CUDA out of memory (injected) while loading")
+        return real(self)
+
+    monkeypatch.setattr(LoadedMember, "to_device", to_device)
+    df, rep = _run(root, man, tmp_path / "c", chunk_size=3, members="streamed")
+    st = rep["studies"]
+    assert all(any("grade_spinal: its weights could not be loaded" in e for e in st[str(s)]["errors"]) for s in IDS if s != 13)
+    assert st["12"]["status"] == "ok"  # grade_all still covers every target
+    assert len(df) == len(resident) and np.isfinite(df.iloc[:, 1:].to_numpy()).all()

@@ -375,3 +375,29 @@ def test_sag2d_channels_are_symmetric_and_a_mirrored_stack_reverses_them(n_total
     a = fam.prepare(study_of(vol))[0].inputs["image"]
     b = fam.prepare(study_of(mirrored))[0].inputs["image"]
     np.testing.assert_allclose(b, a[::-1], atol=1e-6)
+
+
+def test_axial_level_padding_to_a_bucket_leaves_each_stack_s_output_unchanged():
+    """The predictor batches level-classifier stacks of different lengths together, padded to
+    a length bucket (`length_axis`): the slice mask makes every real slice's output the same
+    as with the stack alone (up to float rounding), and the padded tail is cut off."""
+    from rsna_infer.family import Sample
+    from rsna_infer.predictor import batches_by_shape, length_bucket
+
+    fam = make_family(_entries()["axial_level"])
+    assert fam.length_axis == ("image", 0)
+    assert [length_bucket(n) for n in (1, 8, 9, 13, 17, 30, 33, 49)] == [8, 8, 12, 16, 24, 32, 48, 64]
+    torch.manual_seed(0)
+    net = fam.build().eval()
+    rng = np.random.default_rng(0)
+    samples = [Sample(1, {"image": rng.random((n, 16, 16), dtype=np.float32)}) for n in (10, 5, 12, 7, 30)]
+    assert batches_by_shape(fam, samples, 8) == [[0, 2], [1, 3], [4]]  # buckets 12, 8, 32
+    batch = fam.collate([samples[0], samples[2]], pad_to=16)
+    assert batch["image"].shape == (2, 16, 16, 16) and batch["slice_mask"].sum().item() == 22
+    with torch.no_grad():
+        together = fam.run(net, batch, tta=True).numpy()
+        for j, s in enumerate((samples[0], samples[2])):
+            alone = fam.run(net, fam.collate([s]), tta=True).numpy()[0]
+            n = len(s.inputs["image"])
+            np.testing.assert_allclose(together[j, :n], alone, atol=1e-5, rtol=0)
+            assert np.all(together[j, n:] == 0)

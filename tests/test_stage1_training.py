@@ -1,4 +1,6 @@
-"""A few optimisation steps lower each kind of stage-1 loss (point regression, level CE)."""
+"""Each kind of stage-1 loss (point regression, level CE) is learnable: enough optimisation
+steps on a fixed batch bring it far below the untrained model's (a wide margin, so that it
+holds on any CPU; a few steps and a thin margin would be float noise)."""
 
 import numpy as np
 import torch
@@ -53,15 +55,15 @@ def _sag_item(i: int, rng: np.random.Generator):
     return study_of(vol, study_id=i), truth
 
 
-def test_sag2d_loss_decreases():
+def test_sag2d_point_loss_is_learnable():
     rng = np.random.default_rng(1)
     items = [_sag_item(i, rng) for i in range(6)]
     fam = make_family(entry("sag2d", "t2", size=(48, 48), n_slices=5))
-    first, last = _train(fam, items, steps=30)  # 12 steps were too few to be far from noise
-    assert last < 0.7 * first, (first, last)
+    first, last = _train(fam, items, steps=40)
+    assert last < 0.4 * first, (first, last)
 
 
-def test_heatmap_head_loss_decreases_and_keeps_heatmaps_peaked():
+def test_heatmap_head_loss_is_learnable_and_keeps_heatmaps_peaked():
     rng = np.random.default_rng(1)
     items = [_sag_item(i, rng) for i in range(6)]
     fam = make_family(entry("sag2d", "t2", size=(48, 48), n_slices=1, in_chans=1, model_kwargs={"head": "heatmap"}))
@@ -69,11 +71,11 @@ def test_heatmap_head_loss_decreases_and_keeps_heatmaps_peaked():
     batch = fam.collate([s for st, t in items for s in fam.prepare(st, t)])
     assert net(batch).shape[-1] == 2 + 1 + 2  # (y, x), visibility, spread per axis: training only
     assert net.eval()(batch).shape[-1] == 3
-    first, last = _train(fam, items, steps=30)
-    assert last < 0.7 * first, (first, last)
+    first, last = _train(fam, items, steps=40)
+    assert last < 0.4 * first, (first, last)
 
 
-def test_axial_level_loss_decreases():
+def test_axial_level_loss_is_learnable():
     items = []
     for i in range(3):
         vol = axial((12, 32, 32), z0=-26.0 + 8 * i, series_id=200 + i)
@@ -81,5 +83,5 @@ def test_axial_level_loss_decreases():
         truth = StudyKeypoints(i, {truth_key("subarticular"): world_set("subarticular", subarticular_world(), vol)})
         items.append((study_of(vol, study_id=i), truth))
     fam = make_family(entry("axial_level", size=(32, 32), n_slices=3, in_chans=3, model_kwargs={"hidden": 16, "heads": 2}))
-    first, last = _train(fam, items, steps=15)
-    assert last < 0.7 * first, (first, last)
+    first, last = _train(fam, items, steps=40)
+    assert last < 0.25 * first, (first, last)

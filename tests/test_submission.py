@@ -11,7 +11,7 @@ import pytest
 
 from rsna_infer import metric, submission as S
 from rsna_infer.constants import CLASSES, TARGETS, study_row_ids
-from rsna_infer.submission import SubmissionError
+from rsna_infer.submission import SubmissionError, validate_submission, write_submission
 
 STUDIES = [4003253, 4646740, 7143189]
 
@@ -297,3 +297,28 @@ def test_read_study_ids(tmp_path: Path) -> None:
     (tmp_path / "bad.csv").write_text("series_id\n1\n")
     with pytest.raises(SubmissionError, match="no study_id column"):
         S.read_study_ids(tmp_path / "bad.csv")
+
+
+def test_prior_submission_is_a_valid_submission() -> None:
+    from rsna_infer.submission import prior_submission, resolve_priors
+
+    df = prior_submission(STUDIES)
+    validate_submission(df, STUDIES)
+    np.testing.assert_allclose(df[list(CLASSES)].to_numpy(), np.tile(resolve_priors(None).reshape(25, 3), (len(STUDIES), 1)))
+
+
+def test_written_submission_has_the_umask_mode_and_leaves_no_temporary_file(frame: pd.DataFrame, tmp_path) -> None:
+    from rsna_infer.output import current_umask
+
+    path = write_submission(frame, tmp_path / "submission.csv", STUDIES)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~current_umask()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["submission.csv"]
+
+
+def test_unreadable_series_csv_names_the_file(tmp_path) -> None:
+    from rsna_infer.submission import read_study_ids
+
+    p = tmp_path / "test_series_descriptions.csv"
+    p.write_bytes(b"\xff\xfe\x00\x00garbage")
+    with pytest.raises(SubmissionError, match=str(p)):
+        read_study_ids(p)

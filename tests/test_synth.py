@@ -370,6 +370,52 @@ def test_missing_series_switch(tmp_path):
     assert sorted(pd.read_csv(tmp_path / "train.csv").study_id) == sorted(data.study_ids)  # grades stay
 
 
+def _tag(ds, keyword: str, macro: str):
+    """A geometry value of a classic or an enhanced file (functional groups), or None."""
+    if keyword in ds:
+        return ds.data_element(keyword).value
+    for group in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        item = ds.get(group)
+        if item and macro in item[0] and keyword in item[0].data_element(macro).value[0]:
+            return item[0].data_element(macro).value[0].data_element(keyword).value
+    return None
+
+
+def test_storage_switches_do_what_they_claim(tmp_path):
+    data = make_dataset(tmp_path, 2, split="train", seed=7, image_size=SMALL, mixed_fov_rate=1.0,
+                        parallel_block_rate=1.0, missing_spacing_rate=1.0, no_meta_rate=1.0, enhanced_rate=1.0)
+    n_parallel = 0
+    for study in data.study_ids:
+        for info in data.truth[study].series:
+            assert info.mixed_fov and info.no_meta and info.enhanced and info.missing_spacing_instance is not None
+            files = sorted(series_dir(data.root, "train", study, info.series_id).iterdir())
+            assert len(files) == info.n_instances
+            sl = []
+            for f in files:
+                assert f.read_bytes()[128:132] != b"DICM"  # bare dataset, no preamble or meta
+                ds = pydicom.dcmread(f, force=True)
+                assert ds.SOPClassUID == "1.2.840.10008.5.1.4.1.1.4.1" and int(ds.NumberOfFrames) == 1  # Enhanced MR
+                assert "ImagePositionPatient" not in ds  # geometry only in the functional groups
+                iop = np.array([float(v) for v in _tag(ds, "ImageOrientationPatient", "PlaneOrientationSequence")])
+                ipp = np.array([float(v) for v in _tag(ds, "ImagePositionPatient", "PlanePositionSequence")])
+                ps = _tag(ds, "PixelSpacing", "PixelMeasuresSequence")
+                assert (ps is None) == (int(ds.InstanceNumber) == info.missing_spacing_instance)
+                sl.append((np.cross(iop[:3], iop[3:]), ipp, iop, (int(ds.Rows), int(ds.Columns)), ps))
+            # another field of view on some slices: other matrix, same spacing, IPP on the same grid
+            spacing = next(tuple(map(float, s[4])) for s in sl if s[4] is not None)
+            assert len({s[3] for s in sl}) > 1
+            assert all(s[4] is None or np.allclose(tuple(map(float, s[4])), spacing) for s in sl)
+            n = sl[0][0]
+            depths = np.array([s[1] @ n for s in sl])
+            same_depth = np.abs(depths[:, None] - depths[None, :]) < 1e-3
+            if info.parallel_block:  # a second block at the same depths, shifted in-plane
+                n_parallel += 1
+                assert info.n_stacks >= 2 and (same_depth.sum(axis=1) >= 2).any()
+            else:
+                assert (same_depth.sum(axis=1) == 1).all()
+    assert n_parallel == len(data.study_ids)
+
+
 @pytest.mark.parametrize("syntax, uid", [("rle", RLELossless), ("big_endian", ExplicitVRBigEndian), ("implicit", ImplicitVRLittleEndian)])
 def test_transfer_syntaxes_decode_to_the_same_pixels(tmp_path, syntax, uid):
     ref = make_dataset(tmp_path / "ref", 1, split="test", seed=4, image_size=(32, 40))

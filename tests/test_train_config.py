@@ -42,7 +42,12 @@ def test_valid_config_round_trips():
         ({"keypoints": "oracle"}, "keypoints"),
         ({"name": "a b"}, "name"),
         ({"input": {"size": [32]}}, "input"),
-        ({"warmup_epochs": 5}, "warmup_epochs"),
+        ({"warmup_epochs": -1}, "warmup_epochs"),
+        ({"val_keypoints": "oracle"}, "val_keypoints"),
+        ({"missing_keypoints": "ignore"}, "missing_keypoints"),
+        ({"pretrained": "/no/such/weights.safetensors"}, "does not exist"),
+        ({"pretrained": "timm:"}, "needs a tag"),
+        ({"pretrained": 3}, "pretrained"),
         ({"export_dtype": "int8"}, "export_dtype"),
     ],
 )

@@ -128,3 +128,20 @@ def test_study_lookup_and_repr_do_not_dump_pixels():
     assert s.find(7) is v and s.find(7, stack_index=1) is None
     assert s.nbytes() == v.pixels.nbytes
     assert "shape=(4, 6, 5)" in repr(v) and "[[" not in repr(v)
+
+
+def test_pixel_to_voxel_applies_each_slices_native_spacing_and_offset():
+    v = make_volume(offsets=(0.0, 4.0), spacing=(1.0, 1.0))
+    v.native_spacing = np.array([[1.0, 1.0], [0.5, 0.5]])
+    v.native_offset = np.array([[0.0, 0.0], [-3.0, -2.0]])  # file 1 starts 3 mm up, 2 mm left
+    np.testing.assert_allclose(v.pixel_to_voxel([0, 1], x=[4.0, 4.0], y=[6.0, 6.0]), [[0, 6, 4], [1, 0, 0]])
+
+
+def test_per_slice_sources_must_match_the_slices():
+    with pytest.raises(ValueError, match="native offsets"):
+        Volume(np.zeros((2, 3, 3)), [[0, 0, 0], [0, 0, 1]], [1, 0, 0], [0, 1, 0], (1, 1), [1, 2], native_offset=[[0, 0]])
+    with pytest.raises(ValueError, match="files"):
+        Volume(np.zeros((2, 3, 3)), [[0, 0, 0], [0, 0, 1]], [1, 0, 0], [0, 1, 0], (1, 1), [1, 2], files=["a"])
+    v = Volume(np.zeros((1, 3, 3)), [[0, 0, 0]], [1, 0, 0], [0, 1, 0], (1, 1), [7], files=["/d/7.dcm"],
+               sop_instance_uids=["1.2.3"])
+    assert v.source(0) == "slice 0, instance 7, /d/7.dcm, SOPInstanceUID 1.2.3"

@@ -3,15 +3,18 @@
 Layout: ``{root}/{split}_images/{study_id}/{series_id}/*.dcm`` and
 ``{root}/{split}_series_descriptions.csv`` (``study_id, series_id, series_description``).
 The CSV is the list of record: every study in it is returned (so it gets submission rows even
-with no images at all); a listed series whose folder is missing or empty is recorded, not
-fatal; folders the CSV does not name are ignored. Without a CSV, the series type is inferred
-from one header per series (orientation -> sagittal/axial; description, echo and repetition
-time -> T1 vs T2/STIR).
+with no images at all); a listed series whose folder is missing, empty or unreadable
+(``PermissionError``) is recorded, not fatal; folders the CSV does not name are ignored, and
+counted in the log. Without a CSV, the series type is inferred from one header per series
+(orientation -> sagittal/axial; description, echo and repetition time -> T1 vs T2/STIR). A
+root that yields no study at all is a path mistake: `describe_no_studies` says what was
+looked for and what is there.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,9 +24,13 @@ import numpy as np
 from ..constants import AXIAL_T2, SAG_T1, SAG_T2, SERIES_TYPES
 from ..geometry import plane_of
 from .dicom import SliceRecord, read_slice
-from .series import list_series_files
+from .files import MISSING_FOLDER, list_series_files, scan_folder
 
 logger = logging.getLogger(__name__)
+
+
+class NoStudiesError(FileNotFoundError):
+    """No study under the root for the split; the message names the paths looked at."""
 
 #: Sagittal series with TE and TR at most these (ms) are T1-weighted; longer is T2/STIR.
 T1_MAX_ECHO_MS = 40.0
@@ -43,7 +50,7 @@ class SeriesRef:
     description: str | None  # one of SERIES_TYPES, or None when unknown
     path: Path | None  # the series folder (None when the study folder is missing)
     n_files: int = 0
-    problem: str | None = None  # "missing folder" | "empty folder" | None
+    problem: str | None = None  # "missing folder" | "empty folder" | "unreadable folder (...)" | None
 
     @property
     def readable(self) -> bool:
@@ -57,6 +64,7 @@ class StudyRef:
     study_id: int
     path: Path | None
     series: list[SeriesRef] = field(default_factory=list)
+    problem: str | None = None  # "unreadable folder (...)": its series could not be listed
 
     def of_type(self, series_type: str) -> list[SeriesRef]:
         return [s for s in self.series if s.description == series_type]
@@ -64,7 +72,8 @@ class StudyRef:
     @property
     def problems(self) -> list[str]:
         """One line per series that cannot be read and per series type without any series."""
-        out = [f"series {s.series_id} ({s.description}): {s.problem}" for s in self.series if s.problem]
+        out = [f"study folder: {self.problem}"] if self.problem else []
+        out += [f"series {s.series_id} ({s.description}): {s.problem}" for s in self.series if s.problem]
         out += [f"no {t} series" for t in SERIES_TYPES if not any(s.readable for s in self.of_type(t))]
         return out
 
@@ -100,41 +109,78 @@ def discover_studies(
     return _from_folders(img)
 
 
+def describe_no_studies(root: str | Path, split: str = "test") -> str:
+    """Why `discover_studies` found nothing under ``root``: the paths it looked at, what is
+    there instead, and what to pass."""
+    root = Path(root)
+    if not root.exists():
+        return f"the test root {root} does not exist; pass the competition folder that holds {split}_images/"
+    if not root.is_dir():
+        return f"the test root {root} is not a folder; pass the competition folder that holds {split}_images/"
+    csv, img = root / f"{split}_series_descriptions.csv", root / f"{split}_images"
+    seen = [f"{csv} ({'lists no studies' if csv.is_file() else 'missing'})",
+            f"{img}/ ({'no numeric study folders' if _is_dir(img) else 'missing'})"]
+    if not _is_dir(img):
+        seen.append(f"{root}/ itself (no numeric study folders)")
+    try:
+        names = [p.name for p in root.iterdir() if p.name.endswith("_series_descriptions.csv")]
+    except OSError:
+        names = []
+    names += [p.name for p in _subfolders(root) if p.name.endswith("_images")]
+    others = sorted({n.split("_")[0] for n in names} - {split})
+    hint = (f"this root has the split(s) {others}: pass --split {others[0]} (split={others[0]!r})" if others else
+            f"pass the competition folder that holds {split}_images/ and {split}_series_descriptions.csv")
+    return f"no studies found for split {split!r}: looked at {', '.join(seen)}; {hint}"
+
+
 def _from_csv(img: Path, csv_path: Path) -> list[StudyRef]:
     import pandas as pd
 
-    df = pd.read_csv(csv_path, dtype={"series_description": str})
+    try:
+        df = pd.read_csv(csv_path, dtype={"series_description": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise ValueError(f"{csv_path}: not a readable series CSV ({type(e).__name__}: {e})") from None
     need = {"study_id", "series_id", "series_description"}
     if not need.issubset(df.columns):
         raise ValueError(f"{csv_path} must have columns {sorted(need)}; found {list(df.columns)}")
     bad = df["study_id"].isna() | df["series_id"].isna()
     if bad.any():
-        logger.warning("%s: %d row(s) without a study or series id skipped", csv_path.name, int(bad.sum()))
+        logger.warning("%s: %d row(s) without a study or series id skipped", csv_path, int(bad.sum()))
         df = df[~bad]
+    try:
+        ids = [(int(a), int(b)) for a, b in zip(df["study_id"], df["series_id"])]
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{csv_path}: study_id and series_id must be integers ({e})") from None
     studies: dict[int, StudyRef] = {}
-    for row in df.itertuples(index=False):
-        sid, ser = int(row.study_id), int(row.series_id)
+    for (sid, ser), row in zip(ids, df.itertuples(index=False)):
         desc = _clean_description(row.series_description)
         st = studies.get(sid)
         if st is None:
             sdir = img / str(sid)
-            st = studies[sid] = StudyRef(study_id=sid, path=sdir if sdir.is_dir() else None)
+            st = studies[sid] = StudyRef(study_id=sid, path=sdir if _is_dir(sdir) else None)
         if any(s.series_id == ser for s in st.series):
             logger.debug("study %s: series %s listed twice in %s", sid, ser, csv_path.name)
             continue
         st.series.append(_series_ref(st, ser, desc))
+    extra_series = []
     for st in studies.values():
         if st.path is None:
             logger.warning("study %s: folder missing under %s; it will get fallback rows", st.study_id, img)
             continue
         named = {str(s.series_id) for s in st.series}
-        for extra in sorted(p.name for p in st.path.iterdir() if p.is_dir() and p.name not in named):
-            logger.debug("study %s: folder %s not in %s; ignored", st.study_id, extra, csv_path.name)
-    if img.is_dir():
-        for p in img.iterdir():
-            if p.is_dir() and p.name.isdigit() and int(p.name) not in studies:
-                logger.debug("study folder %s not in %s; ignored", p.name, csv_path.name)
+        extra_series += [f"{st.study_id}/{p.name}" for p in sorted(_subfolders(st.path)) if p.name not in named]
+    if extra_series:
+        logger.info("%d series folder(s) not listed in %s are ignored: %s", len(extra_series), csv_path,
+                    _examples(extra_series))
+    extra = sorted(p.name for p in _subfolders(img) if p.name.isdigit() and int(p.name) not in studies)
+    if extra:
+        logger.warning("%d study folder(s) under %s are not listed in %s and get no rows: %s", len(extra), img,
+                       csv_path, _examples(extra))
     return [studies[k] for k in sorted(studies)]
+
+
+def _examples(names: list[str], k: int = 5) -> str:
+    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
 def _clean_description(value: object) -> str | None:
@@ -147,28 +193,55 @@ def _clean_description(value: object) -> str | None:
     return v
 
 
+def _is_dir(path: Path) -> bool:
+    """``Path.is_dir`` that says False instead of raising (a parent without permission)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
+
+
+def _subfolders(path: Path) -> list[Path]:
+    """The folders inside ``path``; ``[]`` (logged) when it cannot be listed."""
+    try:
+        return [p for p in path.iterdir() if _is_dir(p)]
+    except OSError as e:
+        logger.warning("cannot list %s (%s: %s); its folders are not looked at", path, type(e).__name__, e)
+        return []
+
+
 def _series_ref(st: StudyRef, series_id: int, desc: str | None) -> SeriesRef:
     path = st.path / str(series_id) if st.path is not None else None
     ref = SeriesRef(study_id=st.study_id, series_id=series_id, description=desc, path=path)
-    if path is None or not path.is_dir():
-        ref.problem = "missing folder"
+    if path is None:
+        ref.problem = MISSING_FOLDER
     else:
-        ref.n_files = len(list_series_files(path))
-        if ref.n_files == 0:
-            ref.problem = "empty folder"
+        listing = scan_folder(path)
+        ref.n_files = len(listing.files)
+        ref.problem = listing.problem or (None if ref.n_files else "empty folder")
     if ref.problem:
         logger.warning("study %s series %s (%s): %s", st.study_id, series_id, desc, ref.problem)
     return ref
 
 
 def _from_folders(img: Path) -> list[StudyRef]:
+    try:
+        entries = [p for p in img.iterdir() if _is_dir(p)]
+    except OSError as e:  # the images folder itself: nothing to discover, and nothing to fall back on
+        raise PermissionError(f"cannot list the images folder {img} ({type(e).__name__}: {e})") from e
     studies = []
-    for sdir in sorted((p for p in img.iterdir() if p.is_dir()), key=lambda p: (not p.name.isdigit(), p.name)):
+    for sdir in sorted(entries, key=lambda p: (not p.name.isdigit(), p.name)):
         if not sdir.name.isdigit():
             logger.warning("folder %s is not a numeric study id; skipped", sdir)
             continue
         st = StudyRef(study_id=int(sdir.name), path=sdir)
-        for ser_dir in sorted(p for p in sdir.iterdir() if p.is_dir()):
+        try:
+            ser_dirs = [p for p in sdir.iterdir() if _is_dir(p)]
+        except OSError as e:
+            st.problem = f"unreadable folder ({type(e).__name__}: {e})"
+            logger.warning("study %s: %s; it will get fallback rows", st.study_id, st.problem)
+            ser_dirs = []
+        for ser_dir in sorted(ser_dirs):
             if not ser_dir.name.isdigit():
                 logger.warning("study %s: folder %s is not a numeric series id; skipped", st.study_id, ser_dir.name)
                 continue
@@ -211,11 +284,9 @@ def infer_series_type(headers: list[SliceRecord]) -> str | None:
     if plane != "sagittal":
         return None
     h = oriented[0]
-    text = (h.series_description or "").upper()
-    if "STIR" in text or "T2" in text:
-        return SAG_T2
-    if "T1" in text:
-        return SAG_T1
+    named = _weighting(_words(h.series_description or ""))
+    if named is not None:
+        return named
     inversion = h.inversion_time is not None or bool(
         h.scanning_sequence and "IR" in h.scanning_sequence.split("\\")
     )
@@ -228,13 +299,30 @@ def infer_series_type(headers: list[SliceRecord]) -> str | None:
     return SAG_T2 if inversion else None
 
 
+#: Whole words of a SeriesDescription that name the plane (Siemens writes "tra" for axial).
+AXIAL_WORDS = frozenset({"AX", "AXI", "AXIAL", "TRA", "TRANS", "TRANSVERSE", "TRANSVERSAL"})
+SAGITTAL_WORDS = frozenset({"SAG", "SAGITTAL"})
+
+
+def _words(text: str) -> set[str]:
+    """Upper-case words of a description: letters and digits, split at anything else
+    (``"t2_tse_sag"`` -> T2, TSE, SAG), so "AX" never matches inside "RELAX" or "MAXFOV"."""
+    return set(re.findall(r"[A-Z0-9]+", text.upper()))
+
+
+def _weighting(words: set[str]) -> str | None:
+    """Sagittal type named by the words: STIR/TIRM or T2 (T2W, T2FS...) -> T2/STIR, T1 -> T1."""
+    if any(w.startswith("STIR") or w == "TIRM" or re.fullmatch(r"T2[A-Z]*", w) for w in words):
+        return SAG_T2
+    if any(re.fullmatch(r"T1[A-Z]*", w) for w in words):  # T1W, T1FS; never T12 (a vertebra)
+        return SAG_T1
+    return None
+
+
 def _type_from_text(text: str) -> str | None:
-    t = text.upper()
-    if "AX" in t:
+    words = _words(text)
+    if words & AXIAL_WORDS:
         return AXIAL_T2
-    if "SAG" in t:
-        if "STIR" in t or "T2" in t:
-            return SAG_T2
-        if "T1" in t:
-            return SAG_T1
+    if words & SAGITTAL_WORDS:
+        return _weighting(words)
     return None

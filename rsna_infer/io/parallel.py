@@ -11,7 +11,7 @@ reuse one pool across studies.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 
@@ -56,22 +56,39 @@ def decode_files(
     `default_workers`) of kind ``parallel`` lives for this call only; ``workers <= 1`` or
     ``parallel="sequential"`` decodes in the calling thread.
     """
+    return list(iter_decode(paths, pixels=pixels, workers=workers, parallel=parallel, executor=executor))
+
+
+def iter_decode(
+    paths: Sequence[str | Path],
+    *,
+    pixels: bool = True,
+    workers: int | None = None,
+    parallel: str = DEFAULT_PARALLEL,
+    executor: Executor | None = None,
+) -> Iterator[SliceRecord]:
+    """`decode_files` as an iterator: records come in input order as they are decoded, so a
+    caller that consumes them series by series holds only what it has not used yet (pools
+    keep decoding ahead). Consume it to the end, or close it, to release its pool."""
     paths = [str(p) for p in paths]
     if executor is None:
         _check_mode(parallel)
         workers = default_workers() if workers is None else workers
         if parallel == "sequential" or workers <= 1 or len(paths) <= 1:
-            return [read_slice(p, pixels=pixels) for p in paths]
+            for p in paths:
+                yield read_slice(p, pixels=pixels)
+            return
         with make_executor(parallel, min(workers, len(paths))) as pool:
-            return _map(pool, paths, pixels)
-    return _map(executor, paths, pixels)
+            yield from _map(pool, paths, pixels)
+        return
+    yield from _map(executor, paths, pixels)
 
 
-def _map(pool: Executor, paths: list[str], pixels: bool) -> list[SliceRecord]:
+def _map(pool: Executor, paths: list[str], pixels: bool) -> Iterator[SliceRecord]:
     chunk = 1
     if isinstance(pool, ProcessPoolExecutor):  # amortise the per-task round trip
         chunk = max(1, len(paths) // (4 * (getattr(pool, "_max_workers", 1) or 1)))
-    return list(pool.map(_read, paths, [pixels] * len(paths), chunksize=chunk))
+    return pool.map(_read, paths, [pixels] * len(paths), chunksize=chunk)
 
 
 def _read(path: str, pixels: bool) -> SliceRecord:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..constants import SERIES_TYPES
+from ..geometry import orthonormal_axes, unit
 
 
 @dataclass
@@ -22,7 +23,15 @@ class Volume:
 
     ``row_dir`` is the unit direction of increasing column index (IOP[0:3]); ``col_dir`` the
     direction of increasing row index (IOP[3:6]); ``normal = row_dir x col_dir``.
-    ``spacing`` is ``(Δrow, Δcol)`` in mm (DICOM PixelSpacing order).
+    ``spacing`` is ``(Δrow, Δcol)`` in mm (DICOM PixelSpacing order). Axes that are not
+    orthonormal are replaced by the nearest orthonormal pair (`geometry.orthonormal_axes`), so
+    `to_voxel` inverts `to_world` exactly.
+
+    Every slice lies on the stack's pixel grid: slice ``z`` is ``pixels[z]`` with its first
+    pixel at ``positions[z]``. A slice stored in its file with another matrix, spacing or field
+    of view was resampled onto that grid; ``native_spacing`` / ``native_offset`` remember how its
+    file's pixels sit on it (see `pixel_to_voxel`), ``files`` / ``sop_instance_uids`` which
+    file each slice came from.
     """
 
     pixels: np.ndarray  # float32 [Z, H, W], rescaled intensities (not normalised)
@@ -39,15 +48,23 @@ class Volume:
     #: some slices were resampled onto this stack's grid (another matrix size); None = every
     #: slice is stored on the stack's grid. See `pixel_to_voxel`.
     native_spacing: np.ndarray | None = None
+    #: float64 [Z, 2]: where the first pixel of each slice's DICOM file lies relative to
+    #: ``positions[z]``, in mm along (col_dir, row_dir), i.e. (down the rows, along the
+    #: columns); non-zero for a slice stored with another field of view (its own IPP). None =
+    #: every file starts at its slice's position.
+    native_offset: np.ndarray | None = None
+    #: the DICOM file of each sorted slice (None when the volume was not read from files)
+    files: list[str] | None = None
+    #: SOPInstanceUID of each sorted slice (entries None where a file had none)
+    sop_instance_uids: list[str | None] | None = None
     normal: np.ndarray = field(init=False)
     _percentiles: dict = field(init=False, repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
         self.pixels = np.ascontiguousarray(self.pixels, dtype=np.float32)
         self.positions = np.asarray(self.positions, dtype=np.float64).reshape(-1, 3)
-        self.row_dir = _unit(np.asarray(self.row_dir, dtype=np.float64))
-        self.col_dir = _unit(np.asarray(self.col_dir, dtype=np.float64))
-        self.normal = _unit(np.cross(self.row_dir, self.col_dir))
+        self.row_dir, self.col_dir, _ = orthonormal_axes(self.row_dir, self.col_dir)
+        self.normal = unit(np.cross(self.row_dir, self.col_dir))
         self.instance_numbers = np.asarray(self.instance_numbers, dtype=np.int64).reshape(-1)
         self.spacing = (float(self.spacing[0]), float(self.spacing[1]))
         if self.pixels.ndim != 3:
@@ -57,10 +74,19 @@ class Volume:
             raise ValueError(
                 f"{z} slices but {len(self.positions)} positions and {len(self.instance_numbers)} instance numbers"
             )
-        if self.native_spacing is not None:
-            self.native_spacing = np.asarray(self.native_spacing, dtype=np.float64).reshape(-1, 2)
-            if len(self.native_spacing) != z:
-                raise ValueError(f"{z} slices but {len(self.native_spacing)} native spacings")
+        for name in ("native_spacing", "native_offset"):
+            value = getattr(self, name)
+            if value is not None:
+                value = np.asarray(value, dtype=np.float64).reshape(-1, 2)
+                setattr(self, name, value)
+                if len(value) != z:
+                    raise ValueError(f"{z} slices but {len(value)} {name.replace('_', ' ')}s")
+        for name in ("files", "sop_instance_uids"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, list(value))
+                if len(value) != z:
+                    raise ValueError(f"{z} slices but {len(value)} {name}")
         d = self.slice_offsets
         if z > 1 and np.any(np.diff(d) <= 0):
             raise ValueError("slices must be sorted by strictly increasing position along the normal")
@@ -70,11 +96,10 @@ class Volume:
         this volume normalises with the same bounds, computed once."""
         key = (float(lo_pct), float(hi_pct))
         if key not in self._percentiles:
-            flat = self.pixels.reshape(-1)
-            if flat.size > 1_000_000:  # a strided subsample is plenty and 10x cheaper
-                flat = flat[:: flat.size // 1_000_000]
-            lo, hi = np.percentile(flat, key)
-            self._percentiles[key] = (float(lo), float(hi))
+            from ..quantiles import percentiles, subsample
+
+            lo, hi = percentiles(subsample(self.pixels), key)
+            self._percentiles[key] = (lo, hi)
         return self._percentiles[key]
 
     # -- derived geometry ---------------------------------------------------------------
@@ -141,9 +166,9 @@ class Volume:
         -> voxel ``(z, y, x)`` of this stack, for arrays of points.
 
         Label coordinates (``train_label_coordinates.csv``) are pixels of the labelled
-        instance. A slice of another matrix size was resampled onto the stack's grid anchored
-        at its own ImagePositionPatient, so its pixels scale by its own spacing over the
-        stack's; every other slice maps to itself.
+        instance. A slice stored with another matrix, spacing or field of view was resampled
+        onto the stack's grid, so its pixels scale by its own spacing over the stack's and shift
+        by its own first pixel's offset (``native_offset``); every other slice maps to itself.
         """
         z = np.asarray(z, dtype=np.int64)
         x = np.asarray(x, dtype=np.float64)
@@ -152,6 +177,10 @@ class Volume:
             native = self.native_spacing[z]
             y = y * native[..., 0] / self.spacing[0]
             x = x * native[..., 1] / self.spacing[1]
+        if self.native_offset is not None:
+            offset = self.native_offset[z]
+            y = y + offset[..., 0] / self.spacing[0]
+            x = x + offset[..., 1] / self.spacing[1]
         z, y, x = np.broadcast_arrays(z.astype(np.float64), y, x)
         return np.stack([z, y, x], axis=-1)
 
@@ -167,6 +196,15 @@ class Volume:
         lim = np.array(self.pixels.shape, dtype=np.float64) - 1
         tol = np.array([z_tol, margin_mm / self.spacing[0], margin_mm / self.spacing[1]])
         return np.all((zyx >= -0.5 - tol) & (zyx <= lim + 0.5 + tol), axis=-1)
+
+    def source(self, z: int) -> str:
+        """Where sorted slice ``z`` came from, for messages: its file and SOPInstanceUID."""
+        parts = [f"slice {z}", f"instance {int(self.instance_numbers[z])}"]
+        if self.files is not None:
+            parts.append(str(self.files[z]))
+        if self.sop_instance_uids is not None and self.sop_instance_uids[z]:
+            parts.append(f"SOPInstanceUID {self.sop_instance_uids[z]}")
+        return ", ".join(parts)
 
     def __repr__(self) -> str:  # keep logs short: never print the pixel array
         return (
@@ -204,10 +242,3 @@ class Study:
 
     def nbytes(self) -> int:
         return sum(v.pixels.nbytes for vols in self.volumes.values() for v in vols)
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    n = float(np.linalg.norm(v))
-    if n == 0 or not np.isfinite(n):
-        raise ValueError(f"degenerate direction vector {v}")
-    return v / n

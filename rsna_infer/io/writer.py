@@ -2,11 +2,14 @@
 
 The files carry what `read_slice` and the Kaggle data carry: patient geometry (IPP, IOP,
 PixelSpacing), InstanceNumber, rescale, photometric interpretation, series description and
-timing tags. Any tag can be left out (``None``) to mimic incomplete real-world headers.
+timing tags. Any tag can be left out (``None``) to mimic incomplete real-world headers, a
+slice can be stored as a single-frame Enhanced MR file (`as_enhanced_single_frame`) and a file
+can be written bare, without preamble and file meta, as old PACS exports are (`save_dataset`).
 """
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -14,7 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pydicom
 from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import UID, ExplicitVRLittleEndian, MRImageStorage, generate_uid
+from pydicom.sequence import Sequence as DicomSequence
+from pydicom.uid import UID, EnhancedMRImageStorage, ExplicitVRLittleEndian, MRImageStorage, generate_uid
 
 if TYPE_CHECKING:
     from .volume import Volume
@@ -49,11 +53,15 @@ def write_slice(
     monochrome1: bool = False,
     transfer_syntax: str = ExplicitVRLittleEndian,
     extra: dict[str, object] | None = None,
+    enhanced: bool = False,
+    bare: bool = False,
 ) -> Path:
     """One single-frame slice; ``pixels`` [H, W] integers stored as uint16 (int16 if negative).
 
     ``rescale`` is ``(slope, intercept)``: stored = pixels, real = stored·slope + intercept.
     ``extra`` sets further tags by DICOM keyword (e.g. ``{"Manufacturer": "GE"}``).
+    ``enhanced``: a single-frame Enhanced MR file (geometry in functional groups);
+    ``bare``: no preamble and no file meta (`save_dataset`).
     """
     path = Path(path)
     arr = np.asarray(pixels)
@@ -102,9 +110,81 @@ def write_slice(
         ds.PixelData = arr.astype(arr.dtype.newbyteorder(">")).tobytes()
     else:
         ds.PixelData = arr.tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    if enhanced:
+        ds = as_enhanced_single_frame(ds)
+    save_dataset(path, ds, bare=bare)
     return path
+
+
+def save_dataset(path: str | Path, ds: Dataset, *, bare: bool = False) -> Path:
+    """Write ``ds`` as a Part-10 file, or with ``bare`` as the dataset alone (no preamble, no
+    "DICM", no file meta) in the encoding of its transfer syntax, as old PACS exports are.
+    Pixel data must already be in that byte order; encapsulated (compressed) data cannot be bare."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not bare:
+        pydicom.dcmwrite(path, ds, enforce_file_format=True)
+        return path
+    ts = UID(ds.file_meta.TransferSyntaxUID)
+    if ts.is_encapsulated:
+        raise ValueError(f"a bare dataset cannot hold encapsulated pixel data ({ts.name})")
+    out = copy.copy(ds)
+    del out.file_meta
+    pydicom.dcmwrite(path, out, implicit_vr=ts.is_implicit_VR, little_endian=ts.is_little_endian)
+    return path
+
+
+#: Classic MR attributes and the functional-group macro an Enhanced MR file keeps them in:
+#: (macro, keyword there).
+_ENHANCED_GROUPS = {
+    "ImageOrientationPatient": ("PlaneOrientationSequence", "ImageOrientationPatient"),
+    "PixelSpacing": ("PixelMeasuresSequence", "PixelSpacing"),
+    "SliceThickness": ("PixelMeasuresSequence", "SliceThickness"),
+    "SpacingBetweenSlices": ("PixelMeasuresSequence", "SpacingBetweenSlices"),
+    "RescaleSlope": ("PixelValueTransformationSequence", "RescaleSlope"),
+    "RescaleIntercept": ("PixelValueTransformationSequence", "RescaleIntercept"),
+    "RepetitionTime": ("MRTimingAndRelatedParametersSequence", "RepetitionTime"),
+    "EchoTime": ("MREchoSequence", "EffectiveEchoTime"),
+    "InversionTime": ("MRModifierSequence", "InversionTimes"),
+}
+
+
+def as_enhanced_single_frame(ds: Dataset) -> Dataset:
+    """The same image as a single-frame Enhanced MR Image Storage dataset (a new object).
+
+    Position goes to the per-frame PlanePositionSequence; orientation, pixel measures,
+    rescale and MR timing to the shared functional groups, as enhanced files keep them; the
+    classic top-level elements (and SliceLocation, which the enhanced IOD lacks) are removed.
+    """
+    out = copy.deepcopy(ds)
+    out.SOPClassUID = EnhancedMRImageStorage
+    if getattr(out, "file_meta", None) is not None:
+        out.file_meta.MediaStorageSOPClassUID = EnhancedMRImageStorage
+    out.NumberOfFrames = 1
+    macros: dict[str, Dataset] = {}
+    for keyword, (macro, target) in _ENHANCED_GROUPS.items():
+        if keyword not in out:
+            continue
+        value = out.data_element(keyword).value
+        if keyword in ("EchoTime", "InversionTime"):  # FD in the enhanced macros
+            value = float(value)
+        setattr(macros.setdefault(macro, Dataset()), target, value)
+        delattr(out, keyword)
+    if "RescaleSlope" in macros.get("PixelValueTransformationSequence", ()):
+        macros["PixelValueTransformationSequence"].RescaleType = "US"
+    shared = Dataset()
+    for macro, item in macros.items():
+        setattr(shared, macro, DicomSequence([item]))
+    out.SharedFunctionalGroupsSequence = DicomSequence([shared])
+    frame = Dataset()
+    if "ImagePositionPatient" in out:
+        frame.PlanePositionSequence = DicomSequence([Dataset()])
+        frame.PlanePositionSequence[0].ImagePositionPatient = out.ImagePositionPatient
+        del out.ImagePositionPatient
+    out.PerFrameFunctionalGroupsSequence = DicomSequence([frame])
+    if "SliceLocation" in out:
+        del out.SliceLocation
+    return out
 
 
 def _set(ds: Dataset, keyword: str, value: object) -> None:

@@ -102,6 +102,7 @@ class AxialLevelFamily(PerStackFamily):
     series_type = AXIAL_T2
     options_type: ClassVar[type[Options]] = AxialLevelOptions
     input_options_type: ClassVar[type[ExtraOptions]] = AxialLevelInput
+    length_axis = ("image", 0)  # stacks of different lengths share a batch: padded, masked (slice_mask)
 
     def _validate(self) -> None:
         super()._validate()
@@ -126,11 +127,12 @@ class AxialLevelFamily(PerStackFamily):
         s = max(3, self.spec.n_slices)
         return {"image": torch.randn(batch_size, s, *self.spec.size), "slice_mask": torch.ones(batch_size, s, dtype=torch.bool)}
 
-    def collate(self, samples: list[Sample]) -> dict[str, "torch.Tensor"]:
-        """Stacks of different lengths padded to the longest, with ``slice_mask`` marking real slices."""
+    def collate(self, samples: list[Sample], pad_to: int | None = None) -> dict[str, "torch.Tensor"]:
+        """Stacks of different lengths padded to the longest (or ``pad_to``), with
+        ``slice_mask`` marking real slices."""
         import torch
 
-        s_max = max(len(s.inputs["image"]) for s in samples)
+        s_max = max([pad_to or 0] + [len(s.inputs["image"]) for s in samples])
         h, w = samples[0].inputs["image"].shape[1:]
         image = np.zeros((len(samples), s_max, h, w), np.float32)
         mask = np.zeros((len(samples), s_max), bool)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,9 @@ from .options import OPTIONAL_TAGS, TRANSFER_SYNTAXES, SynthOptions
 from .protocol import (
     SeriesPlan,
     SlicePlan,
+    add_parallel_block,
     flip_axes,
+    other_field_of_view,
     plan_axial_block,
     plan_axial_per_disc,
     plan_sagittal,
@@ -80,6 +83,11 @@ class SeriesInfo:
     descending: bool = False
     mixed_sizes: bool = False
     flipped_axes: tuple[str, ...] = ()  # "columns" / "rows" mirrored, "swapped" (see `flip_axes`)
+    mixed_fov: bool = False  # every third slice with another field of view (`other_field_of_view`)
+    parallel_block: bool = False  # a second, in-plane shifted block (`add_parallel_block`)
+    missing_spacing_instance: int | None = None  # the instance written without PixelSpacing
+    no_meta: bool = False  # files without preamble and file meta
+    enhanced: bool = False  # single-frame Enhanced MR files
 
 
 @dataclass
@@ -263,6 +271,25 @@ def _apply_switches(
     return plans, missing, mixed
 
 
+def _apply_storage_switches(rng: np.random.Generator, plans: list[SeriesPlan], opts: SynthOptions) -> None:
+    """Switches that change how series are stored, never the anatomy (in place): another
+    field of view on some slices, a parallel block, a slice without PixelSpacing, files
+    without meta, enhanced files. ``rng`` is their own stream: with every rate 0 nothing is
+    drawn that another switch sees, and the study keeps its bytes."""
+    if plans and rng.random() < opts.parallel_block_rate:
+        add_parallel_block(plans[int(rng.integers(len(plans)))], rng)
+    for p in plans:
+        if rng.random() < opts.mixed_fov_rate:
+            other_field_of_view(p, rng)
+        p.number_instances()  # the parallel block's instances follow the first block's
+        if rng.random() < opts.missing_spacing_rate:  # a slice of the series' usual grid, as on scanners
+            grids = Counter((sl.rows, sl.cols, sl.spacing) for sl in p.slices)
+            usual = [sl for sl in p.slices if (sl.rows, sl.cols, sl.spacing) == grids.most_common(1)[0][0]]
+            p.missing_spacing_instance = int(usual[int(rng.integers(len(usual)))].instance_number)
+        p.no_meta = bool(rng.random() < opts.no_meta_rate) and p.transfer_syntax != "rle"  # RLE needs its meta
+        p.enhanced = bool(rng.random() < opts.enhanced_rate)
+
+
 def _locate(point: np.ndarray, plans: list[SeriesPlan], nearest_only: bool) -> tuple[SeriesPlan, SlicePlan, float, float] | None:
     """The slice a reader would label ``point`` on: the nearest slice (along its normal) whose
     image contains the point. With ``nearest_only`` False (axial), only stacks that actually
@@ -395,6 +422,7 @@ def _build_study(
     sw = _rng(seed, split, k, 3)
     plans = _plan_series(_rng(seed, split, k, 2), sw, anat, opts)
     plans, missing, mixed = _apply_switches(sw, plans, opts, _rng(seed, split, k, 6))
+    _apply_storage_switches(_rng(seed, split, k, 7), plans, opts)
     keypoints = anat.keypoints()
 
     shown = grades.copy()
@@ -413,13 +441,14 @@ def _build_study(
         for j in order:
             sl = p.slices[int(j)]
             path = study_dir / str(p.series_id) / f"{sl.instance_number}.dcm"
-            write_dataset(path, build_dataset(ids, p, sl, pixels[int(j)]))
+            write_dataset(path, build_dataset(ids, p, sl, pixels[int(j)]), bare=p.no_meta)
             if (p.series_id, sl.instance_number) not in labelled:
                 written.append((p.series_id, path))
         truth.series.append(
             SeriesInfo(
                 p.series_id, p.description, p.contrast.name, len(p.slices), p.n_stacks, p.transfer_syntax,
-                p.dropped_tags, p.descending, p.series_id in mixed, p.flipped_axes,
+                p.dropped_tags, p.descending, p.series_id in mixed, p.flipped_axes, p.mixed_fov, p.parallel_block,
+                p.missing_spacing_instance, p.no_meta, p.enhanced,
             )
         )  # fmt: skip
     if written and sw.random() < opts.truncated_file_rate:

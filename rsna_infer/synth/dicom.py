@@ -1,4 +1,5 @@
-"""Write one phantom image as a real MR DICOM file (pydicom), in any of four encodings.
+"""Write one phantom image as a real MR DICOM file (pydicom), in any of four encodings,
+classic or single-frame Enhanced MR, with or without file meta.
 
 Files are byte-for-byte reproducible: UIDs are hashed from the seed and ids, and nothing
 depends on the clock or the machine.
@@ -21,6 +22,7 @@ from pydicom.uid import (
     generate_uid,
 )
 
+from ..io.writer import as_enhanced_single_frame, save_dataset
 from .protocol import SeriesPlan, SlicePlan
 
 #: Sequence parameters by series description (never by grade).
@@ -107,6 +109,8 @@ def build_dataset(ids: StudyIds, series: SeriesPlan, sl: SlicePlan, pixels: np.n
     for tag in series.dropped_tags:
         if tag in ds:
             delattr(ds, tag)
+    if series.missing_spacing_instance == sl.instance_number:
+        del ds.PixelSpacing
 
     pixels = np.ascontiguousarray(pixels, dtype=np.uint16)
     if syntax == RLELossless:
@@ -117,9 +121,13 @@ def build_dataset(ids: StudyIds, series: SeriesPlan, sl: SlicePlan, pixels: np.n
     else:
         ds.PixelData = pixels.tobytes()
     ds["PixelData"].VR = "OW" if syntax != RLELossless else "OB"
-    return ds
+    return as_enhanced_single_frame(ds) if series.enhanced else ds
 
 
-def write_dataset(path: Path, ds: Dataset) -> None:
+def write_dataset(path: Path, ds: Dataset, *, bare: bool = False) -> None:
+    """A Part-10 file, or with ``bare`` the dataset alone (no preamble, no file meta)."""
+    if bare:
+        save_dataset(path, ds, bare=True)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     dcmwrite(path, ds, enforce_file_format=True)

@@ -40,6 +40,20 @@ class SynthOptions:
       series folder.
     - ``blank_label_rate``: train split only: per target, chance the grade is blank in
       train.csv (its coordinate row is then absent too).
+    - ``mixed_fov_rate``: per series, chance that every third slice is stored with another
+      field of view: whole pixels added or cut on each side at the same spacing, its IPP at the
+      new first pixel (the patient grid is the same).
+    - ``parallel_block_rate``: chance that one series holds a second block of the same
+      orientation at the same positions along the normal, its field of view shifted in-plane
+      (a repeat with a moved field of view).
+    - ``missing_spacing_rate``: per series, chance that one slice lacks PixelSpacing.
+    - ``no_meta_rate``: per series, chance that files are written bare: no preamble, no file
+      meta, in the series' own encoding (big endian too; RLE series keep their meta).
+    - ``enhanced_rate``: per series, chance that files are single-frame Enhanced MR (geometry,
+      spacing and rescale in functional-group sequences).
+
+    The last five change how series are stored, never the anatomy; they draw from their own
+    random stream, so studies built without them keep their bytes.
     - ``noise``: (min, max) Rician noise sigma relative to the brightest tissue.
     """
 
@@ -59,6 +73,11 @@ class SynthOptions:
     stray_file_rate: float = 0.0
     blank_label_rate: float = 0.0
     noise: tuple[float, float] = (0.015, 0.045)
+    mixed_fov_rate: float = 0.0
+    parallel_block_rate: float = 0.0
+    missing_spacing_rate: float = 0.0
+    no_meta_rate: float = 0.0
+    enhanced_rate: float = 0.0
 
     def __post_init__(self) -> None:
         size = tuple(int(v) for v in self.image_size)
@@ -109,6 +128,11 @@ OPTION_HELP: dict[str, str] = {
     "stray_file_rate": "chance of a non-DICOM ._<n>.dcm file in a series folder",
     "blank_label_rate": "train: per target, chance of a blank grade (and no coordinate row)",
     "noise": "min and max Rician noise sigma relative to the brightest tissue",
+    "mixed_fov_rate": "per series: every third slice stored with another field of view (its own IPP, same spacing)",
+    "parallel_block_rate": "chance one series holds a second, in-plane shifted block at the same slice positions",
+    "missing_spacing_rate": "per series: one slice lacks PixelSpacing",
+    "no_meta_rate": "per series: files without preamble and file meta, in the series' own encoding",
+    "enhanced_rate": "per series: single-frame Enhanced MR files (geometry in functional groups)",
 }
 
 #: Every realism switch on at a moderate rate: what real competition data throws at a reader.
@@ -123,4 +147,9 @@ MESSY: dict[str, Any] = {
     "truncated_file_rate": 0.1,
     "stray_file_rate": 0.1,
     "blank_label_rate": 0.01,
+    "mixed_fov_rate": 0.1,
+    "parallel_block_rate": 0.05,
+    "missing_spacing_rate": 0.05,
+    "no_meta_rate": 0.05,
+    "enhanced_rate": 0.05,
 }

@@ -9,11 +9,12 @@ field of view exactly as on a real scanner.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..constants import AXIAL_T2, SAG_T1, SAG_T2
+from ..geometry import unit as _unit
 from .anatomy import GRADED_DISCS, VERTEBRAE, Anatomy
 from .render import Contrast
 
@@ -78,6 +79,12 @@ class SeriesPlan:
     descending: bool = False
     flipped_axes: tuple[str, ...] = ()
     stack_spacing: dict[int, float] = field(default_factory=dict)
+    # how the files are stored (the storage switches; see `SynthOptions`)
+    mixed_fov: bool = False
+    parallel_block: bool = False
+    missing_spacing_instance: int | None = None
+    no_meta: bool = False
+    enhanced: bool = False
 
     @property
     def n_stacks(self) -> int:
@@ -96,10 +103,6 @@ class SeriesPlan:
             for sl in st:
                 sl.instance_number = k
                 k += 1
-
-
-def _unit(v: np.ndarray) -> np.ndarray:
-    return v / np.linalg.norm(v)
 
 
 def _tilt(rng: np.random.Generator, axis: np.ndarray, max_deg: float) -> np.ndarray:
@@ -261,6 +264,41 @@ def flip_axes(p: SeriesPlan, rng: np.random.Generator) -> None:
             sl.rows, sl.cols = sl.cols, sl.rows
             sl.spacing = (sl.spacing[1], sl.spacing[0])
     p.flipped_axes = tuple(choice)
+
+
+def other_field_of_view(p: SeriesPlan, rng: np.random.Generator) -> None:
+    """Every third slice of every stack of ``p`` (in place) stored with another field of view:
+    whole pixels added (or, at most an eighth, cut) on each side at the same spacing. The
+    centre moves by half the difference, so IPP lands on the new first pixel and every stored
+    pixel stays on the stack's patient grid."""
+    for idx in sorted({sl.stack_index for sl in p.slices}):
+        st = sorted(p.stack(idx), key=lambda sl: float(sl.position @ sl.normal))
+        for sl in st[1::3]:
+            cut = max(0, min(sl.rows, sl.cols) // 8)
+            top, bottom, left, right = (int(v) for v in rng.integers(-cut, 17, size=4))
+            top, bottom = max(top, 8 - sl.rows // 2), max(bottom, 8 - sl.rows // 2)
+            left, right = max(left, 8 - sl.cols // 2), max(right, 8 - sl.cols // 2)
+            dr, dc = sl.spacing
+            sl.centre = sl.centre + 0.5 * (right - left) * dc * sl.row_dir + 0.5 * (bottom - top) * dr * sl.col_dir
+            sl.rows += top + bottom
+            sl.cols += left + right
+    p.mixed_fov = True
+
+
+def add_parallel_block(p: SeriesPlan, rng: np.random.Generator) -> None:
+    """A second block in ``p`` (in place): stack 0's slices again, at the same positions along
+    the normal, the field of view shifted in-plane by 20-35 % of its width (a repeat after the
+    operator moved the field of view). It gets the next stack index, so its instances follow."""
+    src = p.stack(0)
+    new_index = max(sl.stack_index for sl in p.slices) + 1
+    sl0 = src[0]
+    frac = rng.uniform(0.2, 0.35) * rng.choice([-1.0, 1.0])
+    shift = frac * sl0.cols * sl0.spacing[1] * sl0.row_dir + rng.uniform(-0.1, 0.1) * sl0.rows * sl0.spacing[0] * sl0.col_dir
+    p.slices += [replace(sl, centre=sl.centre + shift, row_dir=sl.row_dir.copy(), col_dir=sl.col_dir.copy(),
+                         stack_index=new_index) for sl in src]
+    if p.stack_spacing:
+        p.stack_spacing[new_index] = p.stack_spacing.get(0, p.spacing_between)
+    p.parallel_block = True
 
 
 def resize_slices(slices: list[SlicePlan], factor: float) -> None:

@@ -1,8 +1,11 @@
-"""Training: datasets from a Kaggle-layout training root, folds, one generic loop for every
-model family, out-of-fold predictions and blend fitting.
+"""Training: datasets from a Kaggle-layout training root, one fold split for the ensemble,
+one generic loop for every model family (pretrained starts, checkpoints and resume, torchrun),
+out-of-fold predictions, blend fitting and the bundle-ready merge.
 
-Entry points: ``rsna-infer train`` (`rsna_infer.train.cli`), ``rsna-infer fit-blend``
-(`rsna_infer.train.blend`) and, from Python, `train_fold` and `fit_blend`.
+Entry points: ``rsna-infer cache`` (`rsna_infer.train.cache`), ``rsna-infer folds``
+(`rsna_infer.train.folds`), ``rsna-infer train`` (`rsna_infer.train.cli`), ``rsna-infer
+fit-blend`` (`rsna_infer.train.blend`) and, from Python, `train_fold`, `train_folds` and
+`fit_blend`. docs/train.md walks the whole path from the competition data to a Kaggle bundle.
 """
 
 from __future__ import annotations
@@ -22,6 +25,13 @@ def train_fold(*args: Any, **kwargs: Any) -> "TrainResult":
     return _train_fold(*args, **kwargs)
 
 
+def train_folds(*args: Any, **kwargs: Any) -> "list[TrainResult]":
+    """Train one config on several folds in one process group; see `rsna_infer.train.trainer.train_folds`."""
+    from .trainer import train_folds as _train_folds
+
+    return _train_folds(*args, **kwargs)
+
+
 def fit_blend(*args: Any, **kwargs: Any) -> Any:
     """Fit per-group blend weights; see `rsna_infer.train.blend.fit_blend`."""
     from .blend import fit_blend as _fit_blend
@@ -29,4 +39,4 @@ def fit_blend(*args: Any, **kwargs: Any) -> Any:
     return _fit_blend(*args, **kwargs)
 
 
-__all__ = ["ConfigError", "TrainConfig", "load_config", "train_fold", "fit_blend"]
+__all__ = ["ConfigError", "TrainConfig", "load_config", "train_fold", "train_folds", "fit_blend"]

@@ -5,12 +5,19 @@ that cover a target, then takes the softmax (`rsna_infer.ensemble.blend_logits`)
 module fits those weights on the stage-2 runs' out-of-fold files (``oof_f*.npz``) by
 minimising the competition metric (`rsna_infer.metric.score_arrays`) of exactly that blend.
 
-Search: the weights of a group live on the simplex over the members that predict it (the
-blend is scale-free). Starting from the better of "uniform" and "best single member",
-coordinate descent moves one member's share at a time (golden-section line search along
-``(1 - t) * others + t * member``) until a pass gains nothing. No scipy; deterministic; the
-result never scores worse than the best single member on the out-of-fold set, because that
-member is one of the starting points.
+Search, group by group (a group's weights change only its own metric components: spinal
+with any_severe_spinal, foraminal, subarticular): the weights live on the simplex over the
+members that predict the group (the blend is scale-free). Starting from the best of
+"uniform" and each single member, coordinate descent moves one member's share at a time
+(golden-section line search along ``(1 - t) * others + t * member``) until a pass gains
+nothing; then the class priors alone (every weight 0: the predictor falls back to them) are
+the last candidate. No scipy; deterministic. Because every single member and the priors
+are candidates, the fitted blend never scores worse, on the out-of-fold set and in any group,
+than the best single member or the priors (spinal counted with any_severe_spinal), and so
+neither in total.
+
+The out-of-fold files must come from one fold split (their recorded ids, and the manifest's,
+are checked; `rsna_infer.train.folds.SplitError` names two that differ).
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from ..ensemble import blend_logits
 from ..metric import COMPONENTS, score_arrays
 from ..submission import priors_from_labels
 from .evaluate import covered_groups
+from .folds import check_same_split
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +50,7 @@ class OofSet:
     logits: np.ndarray  # [M, S, 5, 5, 3]
     masks: np.ndarray  # [M, S, 5, 5]
     labels: np.ndarray  # [S, 5, 5]
+    split: str = ""  # fold split id of the runs ("" when unrecorded)
 
 
 def _oof_files(paths: list[str | Path]) -> list[Path]:
@@ -63,6 +72,7 @@ def load_oof(paths: list[str | Path]) -> OofSet:
     for it. Stage-1 out-of-fold files (keypoint errors) are skipped.
     """
     per_member: dict[str, list[dict[str, np.ndarray]]] = {}
+    splits: list[tuple[str, str]] = []
     for f in _oof_files(paths):
         with np.load(f, allow_pickle=False) as z:
             if "logits" not in z:
@@ -70,6 +80,8 @@ def load_oof(paths: list[str | Path]) -> OofSet:
                 continue
             per_member.setdefault(str(z["member"]), []).append(
                 {k: z[k] for k in ("study_ids", "logits", "mask", "labels")})
+            splits.append((str(z["split"]) if "split" in z.files else "", str(f)))
+    split = check_same_split(splits, "out-of-fold files")
     if not per_member:
         raise ValueError(f"no stage-2 out-of-fold file (oof_f*.npz with logits) in {[str(p) for p in paths]}")
     members = sorted(per_member)
@@ -91,7 +103,7 @@ def load_oof(paths: list[str | Path]) -> OofSet:
                 raise ValueError(f"member {name!r}: a study appears in two of its out-of-fold files")
             logits[m, rows] = part["logits"]
             masks[m, rows] = part["mask"]
-    return OofSet(members, ids, logits, masks, np.stack([labels_of[int(s)] for s in ids]))
+    return OofSet(members, ids, logits, masks, np.stack([labels_of[int(s)] for s in ids]), split)
 
 
 @dataclass
@@ -103,6 +115,9 @@ class BlendFit:
     member_scores: dict[str, dict[str, float]]  # member -> metric components (priors where it predicts nothing)
     blend_score: dict[str, float]
     uniform_score: dict[str, float]
+    prior_score: dict[str, float] = field(default_factory=dict)  # the class priors alone
+    coverage: np.ndarray | None = None  # [M, 3] member predicts something of the group
+    choice: dict[str, str] = field(default_factory=dict)  # group -> "blend" | member | "priors"
     n_studies: int = 0
     evaluations: int = 0
     history: list[str] = field(default_factory=list)
@@ -120,8 +135,19 @@ def _coverage(oof: OofSet) -> np.ndarray:
     return cov
 
 
+#: Metric components each group's weights move (any_severe_spinal is computed from the spinal rows).
+GROUP_COMPONENTS: dict[str, tuple[str, ...]] = {"spinal": ("spinal", "any_severe_spinal"),
+                                               "foraminal": ("foraminal",), "subarticular": ("subarticular",)}
+
+
+def group_loss(scores: dict[str, float], group: str) -> float:
+    """The part of the metric total that ``group``'s weights decide (sum of its components)."""
+    return float(sum(scores[c] for c in GROUP_COMPONENTS[group]))
+
+
 def fit_blend(oof: OofSet, priors: np.ndarray | None = None, max_passes: int = 12, tol: float = 1e-7) -> BlendFit:
-    """Weights [M, 3] minimising the metric of the blended out-of-fold probabilities."""
+    """Weights [M, 3] minimising the metric of the blended out-of-fold probabilities; a group
+    whose best option is the class priors gets weight 0 for every member."""
     if priors is None:
         priors = priors_from_labels(oof.labels)
     n_m = len(oof.members)
@@ -137,9 +163,11 @@ def fit_blend(oof: OofSet, priors: np.ndarray | None = None, max_passes: int = 1
     uniform = uniform / np.maximum(uniform.sum(0, keepdims=True), 1.0)
     w = uniform.copy()
     history = []
+    choice: dict[str, str] = {}
     for g, group in enumerate(GROUPS):
         members = np.flatnonzero(cov[:, g])
-        if members.size <= 1:
+        if members.size == 0:
+            choice[group] = "priors"
             continue
         starts = [uniform[:, g]] + [np.eye(n_m)[m] for m in members]
         scores = []
@@ -149,15 +177,25 @@ def fit_blend(oof: OofSet, priors: np.ndarray | None = None, max_passes: int = 1
             scores.append(total(trial))
         w[:, g] = starts[int(np.argmin(scores))]
         best = float(np.min(scores))
-        for _ in range(max_passes):
-            gained = False
-            for m in members:
-                col, score = _line_search(w, g, m, members, total)
-                if score < best - tol:
-                    w[:, g], best, gained = col, score, True
-            if not gained:
-                break
-        history.append(f"{group}: {best:.5f}")
+        if members.size > 1:
+            for _ in range(max_passes):
+                gained = False
+                for m in members:
+                    col, score = _line_search(w, g, m, members, total)
+                    if score < best - tol:
+                        w[:, g], best, gained = col, score, True
+                if not gained:
+                    break
+        trial = w.copy()
+        trial[:, g] = 0.0  # the class priors alone
+        prior_total = total(trial)
+        if prior_total <= best:
+            w, best = trial, prior_total
+            choice[group] = "priors"
+        else:
+            used = np.flatnonzero(w[:, g] > 0)
+            choice[group] = oof.members[int(used[0])] if used.size == 1 else "blend"
+        history.append(f"{group}: {best:.5f} ({choice[group]})")
     member_scores = {}
     for m, name in enumerate(oof.members):
         one = np.zeros((1, len(GROUPS)))
@@ -166,7 +204,8 @@ def fit_blend(oof: OofSet, priors: np.ndarray | None = None, max_passes: int = 1
         member_scores[name] = score_arrays(oof.labels, probs)
     final = score_arrays(oof.labels, blend_logits(oof.logits, oof.masks, w, priors))
     uni = score_arrays(oof.labels, blend_logits(oof.logits, oof.masks, uniform, priors))
-    return BlendFit(oof.members, w, member_scores, final, uni, len(oof.study_ids), evaluations, history)
+    prior = score_arrays(oof.labels, np.broadcast_to(priors, oof.labels.shape + (N_CLASSES,)))
+    return BlendFit(oof.members, w, member_scores, final, uni, prior, cov, choice, len(oof.study_ids), evaluations, history)
 
 
 def _line_search(w: np.ndarray, g: int, m: int, members: np.ndarray, total) -> tuple[np.ndarray, float]:
@@ -205,17 +244,35 @@ def _line_search(w: np.ndarray, g: int, m: int, members: np.ndarray, total) -> t
 
 
 def format_report(fit: BlendFit) -> str:
-    """Table of CV per member and for the blend (component losses and total)."""
+    """Out-of-fold CV of the priors, every member, the uniform and the fitted blend (metric
+    components and total), the fitted weights, and per group what the blend chose."""
     cols = [*COMPONENTS, "total"]
-    width = max(12, *(len(m) for m in fit.members)) + 2
-    lines = [f"out-of-fold CV on {fit.n_studies} studies (targets a member does not predict get the class priors)",
-             "member".ljust(width) + "".join(c[:12].rjust(13) for c in cols) + "   weights " + "/".join(GROUPS)]
+    col_group = {"spinal": 0, "any_severe_spinal": 0, "foraminal": 1, "subarticular": 2}
+    width = max(14, *(len(m) for m in fit.members)) + 2
+    lines = [f"out-of-fold CV on {fit.n_studies} studies (lower is better; '-': the member predicts nothing there, "
+             "those targets get the class priors)",
+             "".ljust(width) + "".join(c[:12].rjust(13) for c in cols) + "   weights " + "/".join(GROUPS)]
+
+    def row(name: str, s: dict[str, float], covered: np.ndarray | None = None, weights: np.ndarray | None = None) -> str:
+        cells = "".join((f"{s[c]:13.4f}" if covered is None or c == "total" or covered[col_group[c]] else "-".rjust(13))
+                        for c in cols)
+        return name.ljust(width) + cells + ("" if weights is None else "   " + " ".join(f"{x:.3f}" for x in weights))
+
+    if fit.prior_score:
+        lines.append(row("class priors", fit.prior_score))
     for i, m in enumerate(fit.members):
-        s = fit.member_scores[m]
-        lines.append(m.ljust(width) + "".join(f"{s[c]:13.4f}" for c in cols)
-                     + "   " + " ".join(f"{x:.3f}" for x in fit.weights[i]))
-    lines.append("uniform blend".ljust(width) + "".join(f"{fit.uniform_score[c]:13.4f}" for c in cols))
-    lines.append("fitted blend".ljust(width) + "".join(f"{fit.blend_score[c]:13.4f}" for c in cols))
+        lines.append(row(m, fit.member_scores[m], None if fit.coverage is None else fit.coverage[i], fit.weights[i]))
+    lines.append(row("uniform blend", fit.uniform_score))
+    lines.append(row("fitted blend", fit.blend_score))
+    for g in GROUPS:
+        c = fit.choice.get(g, "blend")
+        cands = {m: group_loss(fit.member_scores[m], g) for i, m in enumerate(fit.members)
+                 if fit.coverage is None or fit.coverage[i, GROUPS.index(g)]}
+        best = min(cands.items(), key=lambda kv: kv[1]) if cands else None
+        what = {"priors": "the class priors (no member beats them)", "blend": "a blend"}.get(c, f"{c} alone")
+        lines.append(f"  {g}: {what}; {'+'.join(GROUP_COMPONENTS[g])} {group_loss(fit.blend_score, g):.4f}"
+                     + (f" vs best single member {best[0]} {best[1]:.4f}" if best else "")
+                     + (f", priors {group_loss(fit.prior_score, g):.4f}" if fit.prior_score else ""))
     return "\n".join(lines)
 
 
@@ -239,6 +296,12 @@ def run_cli(args: argparse.Namespace) -> int:
     except (ManifestError, ValueError, FileNotFoundError) as e:
         print(f"error: {e}")
         return 2
+    try:
+        check_same_split([(man.split, str(args.manifest)), (oof.split, "the out-of-fold files")],
+                         "fit-blend's manifest and out-of-fold files")
+    except ValueError as e:
+        print(f"error: {e}")
+        return 2
     in_manifest = {member_name(m) for m in man.stage2}
     absent = sorted(set(oof.members) - in_manifest)
     if absent:
@@ -249,11 +312,13 @@ def run_cli(args: argparse.Namespace) -> int:
         print(f"warning: stage-2 members {missing} have no out-of-fold file; they get blend weight 0")
     fit = fit_blend(oof, priors=man.priors if man.priors_given else None)
     print(format_report(fit))
-    gain = min(s["total"] for s in fit.member_scores.values()) - fit.blend_score["total"]
-    print(f"blend gain over the best single member: {gain:+.4f} ({fit.evaluations} metric evaluations)")
+    best = min(min(s["total"] for s in fit.member_scores.values()), fit.prior_score["total"])
+    print(f"blend gain over the best single member or the priors: {best - fit.blend_score['total']:+.4f} "
+          f"({fit.evaluations} metric evaluations)")
     if args.dry_run:
         return 0
     out = args.out or args.manifest
-    save_manifest(set_blend_weights(man, fit.weights_by_member()), out)
+    prior_groups = [g for g in GROUPS if fit.choice.get(g) == "priors"]
+    save_manifest(set_blend_weights(man, fit.weights_by_member(), prior_groups=prior_groups), out)
     print(f"blend weights written to {out}")
     return 0

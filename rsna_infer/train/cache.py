@@ -8,10 +8,16 @@ a hash of the study folder (file names, sizes, modification times) and of the ca
 so an edited study or a new format is decoded again instead of read stale. Writes go to a
 temporary file that is renamed into place, so parallel workers or ranks never read a half
 written file.
+
+``rsna-infer cache --data ROOT --cache DIR --workers N`` fills the cache before training
+(decoding ~2,000 studies takes a while; better once, in parallel, than inside the first
+epoch); under torchrun the ranks share whatever is left (`StudyCache.ensure` with
+``shard``).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -26,7 +32,7 @@ from ..io.volume import Study, Volume
 
 logger = logging.getLogger(__name__)
 
-CACHE_FORMAT = 2  # 2: per-slice native spacing kept
+CACHE_FORMAT = 3  # 2: per-slice native spacing kept; 3: native offsets, files, SOPInstanceUIDs
 
 
 def folder_fingerprint(folder: str | Path) -> str:
@@ -65,8 +71,9 @@ def save_study(study: Study, path: str | Path) -> Path:
             arrays[f"v{i}_pixels"] = _compact(v.pixels)
             arrays[f"v{i}_positions"] = v.positions
             arrays[f"v{i}_instance_numbers"] = v.instance_numbers
-            if v.native_spacing is not None:
-                arrays[f"v{i}_native_spacing"] = v.native_spacing
+            for name in ("native_spacing", "native_offset"):
+                if getattr(v, name) is not None:
+                    arrays[f"v{i}_{name}"] = getattr(v, name)
             vols_meta.append({
                 "type": series_type,
                 "row_dir": v.row_dir.tolist(),
@@ -76,6 +83,8 @@ def save_study(study: Study, path: str | Path) -> Path:
                 "series_id": int(v.series_id),
                 "description": v.description,
                 "stack_index": int(v.stack_index),
+                "files": v.files,
+                "sop_instance_uids": v.sop_instance_uids,
             })
             i += 1
     meta = {"format": CACHE_FORMAT, "study_id": int(study.study_id), "warnings": list(study.warnings),
@@ -112,8 +121,25 @@ def load_cached_study(path: str | Path) -> Study:
                 description=vm["description"],
                 stack_index=vm["stack_index"],
                 native_spacing=z[f"v{i}_native_spacing"] if f"v{i}_native_spacing" in z.files else None,
+                native_offset=z[f"v{i}_native_offset"] if f"v{i}_native_offset" in z.files else None,
+                files=vm.get("files"),
+                sop_instance_uids=vm.get("sop_instance_uids"),
             ))
     return Study(study_id=int(meta["study_id"]), volumes=volumes, warnings=list(meta["warnings"]))
+
+
+_POOL_CACHE: "StudyCache | None" = None
+
+
+def _decode_into_cache(study_id: int, cache: "StudyCache | None" = None) -> str | None:
+    """Decode one study into the cache; the error text when it fails (never raises)."""
+    cache = cache or _POOL_CACHE
+    assert cache is not None
+    try:
+        save_study(cache.loader(study_id), cache.path(study_id))
+        return None
+    except Exception as e:  # one broken study never stops the cache
+        return f"study {study_id}: cannot be decoded ({type(e).__name__}: {e}); it is not cached"
 
 
 class StudyCache:
@@ -142,16 +168,44 @@ class StudyCache:
             self._paths[study_id] = p
         return p
 
-    def ensure(self, study_ids: list[int], progress: bool = True) -> int:
-        """Decode and cache every study not cached yet; returns how many were decoded."""
+    def ensure(self, study_ids: list[int], progress: bool = True, workers: int = 0,
+               shard: tuple[int, int] = (0, 1)) -> int:
+        """Decode and cache every study not cached yet; returns how many were decoded.
+
+        ``workers`` > 0 decodes in that many processes. ``shard=(rank, world_size)`` takes
+        every ``world_size``-th of the missing studies (torchrun ranks share the work; each
+        then waits for the others at a barrier). A study that cannot be decoded is logged and
+        left out (training skips it with a warning)."""
         from tqdm.auto import tqdm
 
-        todo = [s for s in study_ids if not self.path(s).is_file()]
-        for sid in tqdm(todo, desc="cache studies", unit="study", disable=not progress or not todo):
-            save_study(self.loader(sid), self.path(sid))
+        rank, world = shard
+        todo = [s for s in study_ids if not self.path(s).is_file()][rank::world]
+        failed = 0
+        bar = tqdm(total=len(todo), desc="cache studies", unit="study", disable=not progress or not todo)
+        if workers > 0 and len(todo) > 1:
+            import multiprocessing as mp
+
+            global _POOL_CACHE
+            _POOL_CACHE = self  # inherited by the forked workers
+            with mp.get_context("fork").Pool(min(workers, len(todo))) as pool:
+                for err in pool.imap_unordered(_decode_into_cache, todo):
+                    failed += err is not None
+                    if err:
+                        logger.warning(err)
+                    bar.update()
+            _POOL_CACHE = None
+        else:
+            for sid in todo:
+                err = _decode_into_cache(sid, self)
+                failed += err is not None
+                if err:
+                    logger.warning(err)
+                bar.update()
+        bar.close()
         if todo:
-            logger.info("cached %d decoded studies in %s", len(todo), self.cache_dir)
-        return len(todo)
+            logger.info("cached %d decoded studies in %s%s", len(todo) - failed, self.cache_dir,
+                        f" ({failed} failed, see the warnings)" if failed else "")
+        return len(todo) - failed
 
     def get(self, study_id: int) -> Study:
         study_id = int(study_id)
@@ -173,3 +227,29 @@ class StudyCache:
             self._mem[study_id] = study
             self._mem_bytes += size
         return study
+
+
+# -- command line: rsna-infer cache ------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout training root")
+    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: ROOT/.rsna_infer_cache)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: every core)")
+    parser.add_argument("--no-progress", action="store_true")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .data import DataError, TrainingData
+
+    try:
+        data = TrainingData.open(args.data, cache_dir=args.cache)
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    before = sum(data.cache.path(s).is_file() for s in data.study_ids)
+    done = data.cache.ensure(data.study_ids, progress=not args.no_progress, workers=max(0, args.workers))
+    missing = sum(not data.cache.path(s).is_file() for s in data.study_ids)
+    print(f"{len(data.study_ids)} studies: {before} were cached, {done} decoded now"
+          f"{f', {missing} NOT decodable (see the warnings; training skips them)' if missing else ''} -> {data.cache.cache_dir}")
+    return 0

@@ -22,6 +22,8 @@ class ConfigError(ValueError):
 
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 KEYPOINT_SOURCES = ("truth", "predicted", "mixed")
+VAL_KEYPOINT_SOURCES = ("predicted", "truth")
+MISSING_KEYPOINTS = ("error", "truth", "skip")
 
 
 @dataclass
@@ -30,12 +32,21 @@ class TrainConfig:
 
     ``name`` names the ensemble member; fold ``k`` of it is exported as ``{name}_f{k}``.
     ``epochs`` pass over the training studies ``repeats`` times each (small sets: more
-    steps per epoch, fewer validations). ``warmup_epochs`` of linear warm-up precede a cosine
-    decay to ``lr * min_lr_ratio``. ``ema_decay`` (e.g. 0.999) keeps an exponential moving
-    average of the weights, which is what gets validated and exported. Stage 2 only:
-    ``keypoints`` says where crops come from: ``"truth"`` (labelled points, jittered by the
-    family), ``"predicted"`` (out-of-fold stage-1 keypoints given with ``--keypoints``) or
-    ``"mixed"`` (predicted with probability ``predicted_prob``, else truth).
+    steps per epoch, fewer validations). ``warmup_epochs`` of linear warm-up (at most half
+    the run) precede a cosine decay to ``lr * min_lr_ratio``. ``ema_decay`` (e.g. 0.999)
+    keeps an exponential moving average of the weights, which is what gets validated and
+    exported. ``pretrained``: where the backbones start (`rsna_infer.train.init_weights`;
+    training only, inference never reads it).
+
+    Stage 2 only: ``keypoints`` says where *training* crops come from: ``"truth"`` (labelled
+    points, jittered by the family), ``"predicted"`` (out-of-fold stage-1 keypoints given with
+    ``--keypoints``) or ``"mixed"`` (predicted with probability ``predicted_prob``, else
+    truth). *Validation* crops, hence the out-of-fold logits that pick the epoch and fit the
+    blend, come from the predicted keypoints (``val_keypoints: "predicted"``, as at test
+    time); ``"truth"`` validates on the labelled points instead (optimistic; the run records
+    it). ``missing_keypoints`` says what happens to a validation study the keypoint files do
+    not cover: ``"error"`` (stop before training), ``"truth"`` (validate it on its labelled
+    points) or ``"skip"`` (leave it out of validation); both choices are logged and recorded.
     """
 
     name: str
@@ -62,6 +73,9 @@ class TrainConfig:
     select: str = "best"
     keypoints: str = "truth"
     predicted_prob: float = 0.5
+    val_keypoints: str = "predicted"
+    missing_keypoints: str = "error"
+    pretrained: Any = None
     export_dtype: str = "float32"
     notes: str = ""
 
@@ -69,12 +83,18 @@ class TrainConfig:
     def stage(self) -> int:
         return 1 if self.family in STAGE1_FAMILIES else 2
 
+    def effective_warmup_epochs(self) -> float:
+        """Warm-up as run: at most half of the epochs (so ``--set epochs=1`` works with any
+        config's warm-up and still decays)."""
+        return min(float(self.warmup_epochs), self.epochs / 2.0)
+
     def entry_name(self, fold: int) -> str:
         """Manifest entry name of fold ``fold`` (-1: trained on every study)."""
         return f"{self.name}_f{fold}" if fold >= 0 else f"{self.name}_all"
 
     def model_entry(self, fold: int, file: str = "", sha256: str = "") -> ModelEntry:
-        """The manifest entry this config produces for ``fold`` (file/sha filled at export)."""
+        """The manifest entry this config produces for ``fold`` (file/sha filled at export;
+        fold -1, trained on every study, stays -1: it has no out-of-fold studies)."""
         return ModelEntry(
             name=self.entry_name(fold),
             family=self.family,
@@ -83,7 +103,7 @@ class TrainConfig:
             input=self.input,
             file=file or f"weights/{self.entry_name(fold)}.safetensors",
             sha256=sha256,
-            fold=max(fold, 0),
+            fold=fold,
             arch_kwargs=dict(self.arch_kwargs),
             model_kwargs=dict(self.model_kwargs),
         )
@@ -143,7 +163,7 @@ class TrainConfig:
             need(isinstance(val, (int, float)) and not isinstance(val, bool), f"{key} must be a number, got {val!r}")
         need(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
-        need(0 <= self.warmup_epochs <= self.epochs, f"warmup_epochs must be in [0, epochs], got {self.warmup_epochs}")
+        need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 <= self.predicted_prob <= 1, f"predicted_prob must be in [0, 1], got {self.predicted_prob}")
         need(self.ema_decay is None or (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1),
@@ -157,6 +177,14 @@ class TrainConfig:
         need(self.keypoints in KEYPOINT_SOURCES, f"keypoints must be one of {KEYPOINT_SOURCES}, got {self.keypoints!r}")
         need(self.stage == 2 or self.keypoints == "truth",
              f"keypoints={self.keypoints!r} applies to stage-2 families only ({self.family!r} is stage 1)")
+        need(self.val_keypoints in VAL_KEYPOINT_SOURCES,
+             f"val_keypoints must be one of {VAL_KEYPOINT_SOURCES}, got {self.val_keypoints!r}")
+        need(self.missing_keypoints in MISSING_KEYPOINTS,
+             f"missing_keypoints must be one of {MISSING_KEYPOINTS}, got {self.missing_keypoints!r}")
+        from .init_weights import check_spec
+
+        bad = check_spec(self.pretrained)
+        need(bad is None, str(bad))
         need(self.export_dtype in ("float32", "float16"), f"export_dtype must be 'float32' or 'float16', got {self.export_dtype!r}")
 
     def _check_family(self) -> None:

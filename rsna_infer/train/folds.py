@@ -1,12 +1,18 @@
 """Study-level K-fold split, stratified on how diseased a study is, deterministic for a seed.
 
 Every model of an ensemble must see the same split, or the out-of-fold predictions that the
-blend is fitted on leak. The split depends only on (study ids, labels, K, seed), and is
-saved with every run as ``folds.csv`` (``study_id,fold``) so it can be reused verbatim.
+blend is fitted on leak (stage-2 validation would see keypoints from stage-1 models trained
+on those very studies). So the split is written once (``rsna-infer folds --data ROOT --out
+folds.csv``) and passed to every run (``--folds``). Each run records the split's identity,
+`split_id` (a hash of its ``study_id,fold`` rows), in its manifest, out-of-fold files and
+run record; ``--oof-keypoints``, stage-2 training, ``--merge`` and ``fit-blend`` refuse
+inputs from different splits (`check_same_split`) with a message that names both.
 """
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import logging
 from pathlib import Path
 
@@ -14,6 +20,29 @@ import numpy as np
 import pandas as pd
 
 logger = logging.getLogger(__name__)
+
+
+class SplitError(ValueError):
+    """Inputs come from different fold splits; the message names both."""
+
+
+def split_id(folds: pd.DataFrame) -> str:
+    """Identity of a split: sha256 (16 hex digits) of its ``study_id,fold`` rows sorted by study."""
+    rows = folds[["study_id", "fold"]].astype(np.int64).sort_values("study_id")
+    text = "".join(f"{s},{f}\n" for s, f in rows.itertuples(index=False))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def check_same_split(items: list[tuple[str, str]], what: str = "inputs") -> str:
+    """The one split of ``items`` (``(split id, where it comes from)``; empty ids are
+    unrecorded and skipped). Raises `SplitError` naming two inputs that disagree."""
+    known = [(s, where) for s, where in items if s]
+    for s, where in known[1:]:
+        if s != known[0][0]:
+            raise SplitError(
+                f"{what} come from different fold splits: {known[0][0]} ({known[0][1]}) vs {s} ({where}); "
+                "train every model of the ensemble with one --folds FOLDS.csv (rsna-infer folds)")
+    return known[0][0] if known else ""
 
 
 def stratum(labels: np.ndarray) -> int:
@@ -64,14 +93,15 @@ def load_folds(path: str | Path, study_ids: list[int] | None = None) -> pd.DataF
         raise FileNotFoundError(f"folds file {path} does not exist")
     df = pd.read_csv(path)
     if list(df.columns[:2]) != ["study_id", "fold"]:
-        raise ValueError(f"{path}: expected columns study_id,fold, got {list(df.columns)}")
+        raise SplitError(f"{path}: expected columns study_id,fold, got {list(df.columns)}")
     df = df[["study_id", "fold"]].astype({"study_id": np.int64, "fold": np.int64})
     if df["study_id"].duplicated().any():
-        raise ValueError(f"{path}: duplicate study ids")
+        raise SplitError(f"{path}: duplicate study ids")
     if study_ids is not None:
         missing = sorted(set(int(s) for s in study_ids) - set(df["study_id"].tolist()))
         if missing:
-            raise ValueError(f"{path} has no fold for {len(missing)} studies, e.g. {missing[:5]}")
+            raise SplitError(f"{path} has no fold for {len(missing)} studies, e.g. {missing[:5]} "
+                             "(write the split from this data: rsna-infer folds)")
     return df
 
 
@@ -85,3 +115,29 @@ def split(folds: pd.DataFrame, fold: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"fold {fold} is not in the split (folds {known})")
     val = folds["fold"] == fold
     return sorted(ids[~val].tolist()), sorted(ids[val].tolist())
+
+
+# -- command line: rsna-infer folds -------------------------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout training root (train.csv, train_images/)")
+    parser.add_argument("--out", type=Path, required=True, help="folds CSV to write (study_id,fold)")
+    parser.add_argument("--n-folds", type=int, default=5, help="number of folds (default 5)")
+    parser.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
+
+
+def run_cli(args: argparse.Namespace) -> int:
+    from .data import DataError, TrainingData
+
+    try:
+        data = TrainingData.open(args.data)
+        folds = make_folds(data.study_ids, data.label_array(data.study_ids), args.n_folds, args.seed)
+    except (DataError, ValueError, FileNotFoundError) as e:
+        print(f"error: {e}")
+        return 2
+    save_folds(folds, args.out)
+    sizes = folds["fold"].value_counts().sort_index()
+    print(f"{len(folds)} studies in {args.n_folds} folds ({', '.join(str(int(n)) for n in sizes)}), "
+          f"split {split_id(folds)} -> {args.out}")
+    return 0

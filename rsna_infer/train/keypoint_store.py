@@ -18,8 +18,10 @@ from ..stage1.keypoints import KeypointSet, StudyKeypoints
 _FIELDS = ("world", "voxel", "series_id", "stack_index", "confidence")
 
 
-def save_keypoints(path: str | Path, keypoints: dict[int, StudyKeypoints]) -> Path:
-    """Write every set of every study; sets missing for a study are stored as empty."""
+def save_keypoints(path: str | Path, keypoints: dict[int, StudyKeypoints], split: str = "") -> Path:
+    """Write every set of every study; sets missing for a study are stored as empty.
+    ``split``: id of the fold split the predicting models were trained on (checked by the
+    stage-2 runs that read the file)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     ids = sorted(int(s) for s in keypoints)
@@ -33,7 +35,7 @@ def save_keypoints(path: str | Path, keypoints: dict[int, StudyKeypoints]) -> Pa
         for f in _FIELDS:
             arrays[f"{key}/{f}"] = np.stack([getattr(s, f) for s in sets]) if sets else np.zeros((0,))
         arrays[f"{key}/origin"] = np.stack([s.origin.astype(str) for s in sets]) if sets else np.zeros((0,), str)
-    arrays["meta"] = np.frombuffer(json.dumps({"kinds": kinds}).encode(), dtype=np.uint8)
+    arrays["meta"] = np.frombuffer(json.dumps({"kinds": kinds, "split": split}).encode(), dtype=np.uint8)
     np.savez_compressed(path, **arrays)
     return path
 
@@ -58,3 +60,9 @@ def load_keypoints(*paths: str | Path) -> dict[int, StudyKeypoints]:
                 if s.valid.any():
                     kp.sets[key] = s
     return out
+
+
+def keypoints_split(path: str | Path) -> str:
+    """The fold split id recorded in a keypoints file ("" when unrecorded)."""
+    with np.load(path, allow_pickle=False) as z:
+        return str(json.loads(bytes(z["meta"]).decode()).get("split", ""))

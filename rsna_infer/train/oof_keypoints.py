@@ -7,8 +7,11 @@ model refining the level classifier's slices), folds averaged, then the cross-vi
 projection fallback (`rsna_infer.stage1.assemble.finalize`). This module runs that chain
 with the fold-``k`` models on fold ``k``'s studies, for every fold of a stage-1 manifest.
 
-CLI: ``rsna-infer train --oof-keypoints MANIFEST --data ROOT --folds FOLDS.csv --out DIR``
-writes ``DIR/keypoints_oof.npz`` (pass it to stage-2 runs with ``--keypoints``).
+CLI: ``rsna-infer train --oof-keypoints MANIFEST... --data ROOT --folds FOLDS.csv --out DIR``
+(the runs' ``manifest_f*.json`` files, or a merged manifest) writes ``DIR/keypoints_oof.npz``
+(pass it to stage-2 runs with ``--keypoints``). The manifests must come from the split of
+``--folds`` (checked by id; the file records it too). It runs on the training device
+(CUDA when available), like ``train``.
 """
 
 from __future__ import annotations
@@ -21,12 +24,14 @@ import torch
 
 from ..family import KeypointFamily
 from ..manifest import Manifest, load_manifest
-from ..members import LoadedMember, autocast_for, load_member
+from ..specs import ModelEntry
+from ..members import LoadedMember, load_member
 from ..specs import STAGE1_FAMILIES
 from ..stage1.assemble import finalize, merge_decoded
 from ..stage1.keypoints import StudyKeypoints
 from .data import TrainingData
-from .folds import load_folds
+from .distributed import default_device
+from .folds import check_same_split, load_folds, split_id
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +64,7 @@ def predict_keypoints(groups: list[list[LoadedMember]], study, tta: bool = False
             parts = []
             for k in range(0, len(samples), batch_size):
                 batch = {n: t.to(member.device) for n, t in family.collate(samples[k:k + batch_size]).items()}
-                with autocast_for(member.device):
+                with member.autocast():
                     parts.append(family.run(member.model, batch, tta=tta).float().cpu().numpy())
             o = np.concatenate(parts).astype(np.float64)
             outs = o if outs is None else outs + o
@@ -69,28 +74,50 @@ def predict_keypoints(groups: list[list[LoadedMember]], study, tta: bool = False
     return finalize(study, kp)
 
 
+def stage1_entries(manifests: list[Manifest | str | Path] | Manifest | str | Path, folds_csv: str | Path) -> list[tuple[ModelEntry, Path]]:
+    """Every stage-1 entry of ``manifests`` with its weights file, after checking that they
+    were all trained on the split of ``folds_csv`` (`SplitError` naming both otherwise)."""
+    if not isinstance(manifests, list):
+        manifests = [manifests]
+    mans = [m if isinstance(m, Manifest) else load_manifest(m) for m in manifests]
+    check_same_split([(split_id(load_folds(folds_csv)), f"--folds {folds_csv}")]
+                     + [(m.split, str(m.path or "manifest")) for m in mans], "--oof-keypoints manifests")
+    out, names = [], set()
+    for man in mans:
+        for e in man.stage1:
+            if e.name in names:
+                raise ValueError(f"stage-1 entry {e.name!r} appears in more than one manifest")
+            names.add(e.name)
+            out.append((e, man.resolve(e)))
+    if not out:
+        raise ValueError(f"no stage-1 entry in {[str(m.path) for m in mans]}")
+    return out
+
+
 def predict_oof_keypoints(
-    manifest: Manifest | str | Path,
+    manifest: list[Manifest | str | Path] | Manifest | str | Path,
     data: TrainingData,
     folds_csv: str | Path,
-    device: str = "cpu",
+    device: str | None = None,
     tta: bool = False,
     progress: bool = True,
 ) -> dict[int, StudyKeypoints]:
-    """For every fold ``k`` of ``folds_csv``: the stage-1 chain of the manifest's fold-``k``
-    entries on fold ``k``'s studies. Studies of folds without stage-1 entries are left out."""
+    """For every fold ``k`` of ``folds_csv``: the stage-1 chain of the manifests' fold-``k``
+    entries on fold ``k``'s studies. Studies of folds without stage-1 entries are left out
+    (with a warning; a stage-2 run validating on them then stops, see ``missing_keypoints``)."""
     from tqdm.auto import tqdm
 
-    man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest)
+    entries_all = stage1_entries(manifest, folds_csv)
+    device = device or default_device()
     folds = load_folds(folds_csv)
     folds = folds[folds["study_id"].isin(data.study_ids)]
     out: dict[int, StudyKeypoints] = {}
     for k in sorted(set(folds["fold"].tolist())):
-        entries = [e for e in man.stage1 if e.fold == k]
+        entries = [(e, p) for e, p in entries_all if e.fold == k]
         if not entries:
-            logger.warning("fold %d: no stage-1 entry of that fold in the manifest; its studies get no OOF keypoints", k)
+            logger.warning("fold %d: no stage-1 entry of that fold in the manifests; its studies get no OOF keypoints", k)
             continue
-        members = [load_member(e, man.resolve(e), device=device, tta=tta) for e in entries]
+        members = [load_member(e, p, device=device, tta=tta) for e, p in entries]
         groups = stage1_groups(members)
         ids = sorted(folds.loc[folds["fold"] == k, "study_id"].tolist())
         for sid in tqdm(ids, desc=f"oof keypoints fold {k}", unit="study", disable=not progress):
