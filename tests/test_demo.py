@@ -25,6 +25,10 @@ def test_packaged_demo_weights_are_complete_and_small():
     assert total < 8e6, f"demo weights take {total / 1e6:.1f} MB"
     assert all(m.blend for m in man.stage2), "fit-blend weights missing from the demo manifest"
     assert man.priors_given
+    from rsna_infer.specs import FAMILIES
+
+    assert {m.family for m in man.models} == set(FAMILIES), "the demo ensemble holds every family"
+    assert {m.variant for m in man.models if m.family == "roi"} == {"spinal", "foraminal", "subarticular"}
     settings = load_settings(path)
     assert settings["test_seed"] not in settings["train_seeds"]
 
