@@ -122,12 +122,12 @@ def keypoints_dict(kp: "StudyKeypoints") -> dict[str, Any]:
     """Every set of a study plus the merged best set per kind (``best/<kind>``, with the
     default preference of `rsna_infer.stage1.assemble.DEFAULT_PREFER`; ``origin`` says per
     point which set it came from)."""
-    from .stage1.assemble import DEFAULT_PREFER
+    from .stage1.assemble import preferred_best
     from .stage1.keypoints import POINT_KINDS
 
     out = {key: keypoint_set_dict(s) for key, s in sorted(kp.sets.items())}
     for kind in POINT_KINDS:
-        best = kp.best(kind, prefer=DEFAULT_PREFER.get(kind, ()))
+        best = preferred_best(kp, kind)
         if best is not None:
             out[f"best/{kind}"] = keypoint_set_dict(best)
     return out

@@ -75,6 +75,13 @@ DEFAULT_PREFER: dict[str, tuple[str, ...]] = {
 _PATIENT_LEFT = np.array([1.0, 0.0, 0.0])
 
 
+def preferred_best(keypoints: StudyKeypoints, kind: str) -> KeypointSet | None:
+    """``keypoints.best(kind)`` in the default preference (`DEFAULT_PREFER`): the points the
+    graders crop around unless a model says otherwise, the ones the run report records, the
+    pictures mark and the keypoint errors measure."""
+    return keypoints.best(kind, prefer=DEFAULT_PREFER.get(kind, ()))
+
+
 def merge_decoded(family: "KeypointFamily", sets: list[KeypointSet], keypoints: StudyKeypoints) -> StudyKeypoints:
     """``keypoints`` plus the family's set combined from ``sets`` (a new object)."""
     merge = getattr(family, "merge_sets", None)
