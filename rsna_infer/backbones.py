@@ -13,7 +13,7 @@ knowing about it. Inference never does.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -81,30 +81,56 @@ def hub_offline() -> Iterator[None]:
             hub.HF_HUB_OFFLINE = hub_before
 
 
-def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: Any) -> nn.Module:
-    """Headless timm (``dims=2``) or timm_3d (``dims=3``) model with pooled features.
+_BANNED = ("pretrained", "pretrained_cfg_overlay", "checkpoint_path", "num_classes", "features_only", "out_indices")
 
-    ``kwargs`` pass through to ``create_model`` (e.g. ``drop_path_rate``); ``pretrained`` and
-    ``num_classes`` are ours to set and may not be given.
-    """
-    for banned in ("pretrained", "pretrained_cfg_overlay", "checkpoint_path", "num_classes"):
+
+def _factory(arch: str, dims: int, kwargs: dict[str, Any]) -> Callable[..., nn.Module]:
+    """timm's or timm_3d's ``create_model`` for ``arch``, once the kwargs and name are checked."""
+    for banned in _BANNED:
         if banned in kwargs:
-            raise ValueError(f"backbone kwarg {banned!r} is not allowed: weights come from the manifest only")
+            raise ValueError(f"backbone kwarg {banned!r} is not allowed: weights come from the manifest only "
+                             "and the family decides the backbone's outputs")
     check_arch_name(arch)
     if dims == 2:
         import timm
 
-        create = timm.create_model
-    elif dims == 3:
+        return timm.create_model
+    if dims == 3:
         try:
             import timm_3d
         except ImportError as e:  # pragma: no cover - depends on the environment
             raise ImportError(
                 f"3-D backbone {arch!r} needs the 'timm-3d' package; install it from the bundle's wheelhouse"
             ) from e
-        create = timm_3d.create_model
-    else:
-        raise ValueError(f"dims must be 2 or 3, got {dims}")
+        return timm_3d.create_model
+    raise ValueError(f"dims must be 2 or 3, got {dims}")
+
+
+def create_feature_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, min_stride: int = 4, **kwargs: Any) -> nn.Module:
+    """timm / timm_3d model returning its feature maps (``features_only``) at every stride
+    >= ``min_stride``; ``feature_info.channels()`` / ``.reduction()`` describe them."""
+    create = _factory(arch, dims, kwargs)
+    try:
+        probe = create(arch, pretrained=False, features_only=True, in_chans=in_chans, **kwargs)
+    except RuntimeError as e:
+        raise ValueError(f"cannot create {dims}-D feature backbone {arch!r}: {e}") from e
+    strides = probe.feature_info.reduction()
+    keep = tuple(i for i, r in enumerate(strides) if r >= min_stride)
+    if not keep:
+        raise ValueError(f"backbone {arch!r} has no feature map at stride >= {min_stride} (strides {strides})")
+    model = probe if keep == tuple(range(len(strides))) else create(
+        arch, pretrained=False, features_only=True, in_chans=in_chans, out_indices=keep, **kwargs)
+    setattr(model, BACKBONE_ATTR, BackboneInfo(arch, dims, int(in_chans), dict(kwargs)))
+    return model
+
+
+def create_backbone(arch: str, *, dims: int = 2, in_chans: int = 1, **kwargs: Any) -> nn.Module:
+    """Headless timm (``dims=2``) or timm_3d (``dims=3``) model with pooled features.
+
+    ``kwargs`` pass through to ``create_model`` (e.g. ``drop_path_rate``); ``pretrained`` and
+    ``num_classes`` are ours to set and may not be given.
+    """
+    create = _factory(arch, dims, kwargs)
     try:
         model = create(arch, pretrained=False, num_classes=0, in_chans=in_chans, **kwargs)
     except RuntimeError as e:  # unknown model name

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from .options import ExtraOptions, Options
 from .specs import InputSpec, ModelEntry
 
 if TYPE_CHECKING:  # torch stays out of torch-free imports (manifest validation, CLI help)
@@ -50,6 +51,10 @@ class Family(ABC):
 
     name: ClassVar[str]
     stage: ClassVar[int]
+    #: The family's ``model_kwargs`` and ``input.extra`` options (typed dataclasses with
+    #: defaults, `rsna_infer.options`), parsed and validated once into `options` / `input_options`.
+    options_type: ClassVar[type[Options]] = Options
+    input_options_type: ClassVar[type[ExtraOptions]] = ExtraOptions
     #: ``(input key, axis of a sample)`` whose length may differ between the samples of one
     #: batch (e.g. the slices of an axial stack). Set it only when ``collate(samples,
     #: pad_to=n)`` pads that axis to ``n`` *and the network masks the padding*, so a sample's
@@ -61,6 +66,9 @@ class Family(ABC):
         if entry.family != self.name:
             raise ValueError(f"entry {entry.name!r} is family {entry.family!r}, not {self.name!r}")
         self.entry = entry
+        where = f"model {entry.name!r} ({self.name})"
+        self.options: Any = self.options_type.parse(entry.model_kwargs, where)
+        self.input_options: Any = self.input_options_type.parse(entry.input.extra, where)
 
     @property
     def spec(self) -> InputSpec:
@@ -123,6 +131,15 @@ class GradingFamily(Family):
     """Stage 2: outputs are canonical logits ``[B, 5, 5, 3]``."""
 
     stage = 2
+
+    def sample_labels(self, sample: Sample, labels: np.ndarray) -> np.ndarray:
+        """The study's labels ``[5, 5]`` as ``sample`` sees them: left and right conditions
+        swapped when training augmentation mirrored the sample left/right."""
+        if sample.meta.get("lr_mirrored"):
+            from .stage2.layout import swap_lr_labels
+
+            return swap_lr_labels(labels)
+        return np.asarray(labels)
 
     def loss(self, output: "torch.Tensor", labels: "torch.Tensor", mask: "torch.Tensor") -> "torch.Tensor":
         """Class-weighted (1/2/4) cross entropy over labelled, predicted targets.

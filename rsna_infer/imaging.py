@@ -180,10 +180,15 @@ class VoxelTransform:
 # --------------------------------------------------------------------------------------
 def sample_slice_indices(n_total: int, n: int) -> np.ndarray:
     """``n`` evenly spaced slice indices over a stack of ``n_total`` (first and last included;
-    indices repeat when the stack is shorter than ``n``)."""
+    indices repeat when the stack is shorter than ``n``); symmetric: index ``i`` of a stack
+    mirrors index ``n - 1 - i``."""
     if n_total < 1 or n < 1:
         raise ValueError(f"need n_total >= 1 and n >= 1, got {n_total}, {n}")
-    return np.rint(np.linspace(0, n_total - 1, n)).astype(np.int64)
+    x = np.linspace(0, n_total - 1, n)
+    # halves round away from the middle, so a reversed stack gets the mirrored indices
+    up = np.floor(x + 0.5)
+    down = (n_total - 1) - np.floor((n_total - 1 - x) + 0.5)
+    return np.where(x < (n_total - 1) / 2.0, down, up).astype(np.int64)
 
 
 def resize_slices(arr: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -343,15 +348,16 @@ class AugSpec:
     ``scale``: max relative zoom (region side multiplied by ``1 ± scale``); ``shift``: max shift
     as a fraction of the region; ``intensity``: max gamma/contrast change; ``ap_flip`` /
     ``lr_flip``: probability of an anterior/posterior or left/right mirror (a left/right mirror
-    swaps the left/right outputs, see `VoxelTransform.lr_swapped`); ``depth``: whether zoom and
-    shift also apply across slices (3-D inputs only).
+    swaps the left/right targets, see `VoxelTransform.lr_swapped`, so that a model learns to
+    treat a mirrored patient as the mirror of the original); ``depth``: whether zoom and shift
+    also apply across slices (3-D inputs only).
     """
 
     scale: float = 0.1
     shift: float = 0.05
     intensity: float = 0.1
     ap_flip: float = 0.5
-    lr_flip: float = 0.0
+    lr_flip: float = 0.5
     depth: bool = True
 
     @classmethod
@@ -451,8 +457,9 @@ def prepare_slices(
     aug: AugSpec | None = None,
     bounds: tuple[float, float] | None = None,
 ) -> Prepared:
-    """Selected slices (canonical indices, clipped into the stack) of a stack, canonically
-    oriented, each resized to ``size`` (H, W) and normalised: ``[K, H, W]``.
+    """Selected slices (canonical positions, clipped into the stack) of a stack, canonically
+    oriented, each resized to ``size`` (H, W) and normalised: ``[K, H, W]``. A fractional
+    position is the linear blend of its two neighbouring slices (integers take one slice).
 
     The transform's z axis is the whole canonical stack, so a point on canonical slice ``k``
     has ``u_z = (k + 0.5) / Z``. Augmentation (with ``rng``) is in-plane only.
@@ -461,8 +468,7 @@ def prepare_slices(
         raise SpecError(f"a 2-D input needs size (H, W), got {size}")
     orientation = orient(volume, view)
     bounds = bounds if bounds is not None else volume_bounds(volume, norm)
-    idx = np.clip(np.asarray(canonical_slices, dtype=np.int64), 0, orientation.shape[0] - 1)
-    unit = to_unit(canonical_slices_resized(volume, orientation, idx, size), bounds)
+    unit = to_unit(_slices_at(volume, orientation, canonical_slices, size), bounds)
     transform = VoxelTransform.full(orientation, view)
     if rng is not None:
         aug = aug or AugSpec()
@@ -473,6 +479,35 @@ def prepare_slices(
         transform = transform.reframed(scale, shift)
         unit = augment_intensity(unit, rng, aug.intensity)
     return Prepared(standardise(unit, norm), transform, bounds)
+
+
+def _slices_at(volume: "Volume", orientation: Orientation, positions: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """``[K, H, W]``: canonical slice positions of ``volume`` (clipped into the stack), resized
+    to ``size``; a fractional position blends its two neighbours (resizing is linear, so the
+    resized slices are blended: the integer slices go through `canonical_slices_resized`)."""
+    pos = np.clip(np.asarray(positions, dtype=np.float64).reshape(-1), 0.0, orientation.shape[0] - 1.0)
+    lo = np.floor(pos).astype(np.int64)
+    w = (pos - lo).astype(np.float32)
+    blend = w > 1e-6
+    if not blend.any():
+        return canonical_slices_resized(volume, orientation, lo, size)
+    hi = np.minimum(lo + 1, orientation.shape[0] - 1)
+    return interpolate_slices(canonical_slices_resized(volume, orientation, np.stack([lo, hi], 1).reshape(-1), size),
+                              np.arange(len(pos)) * 2.0 + w)
+
+
+def interpolate_slices(stack: np.ndarray, positions: np.ndarray) -> np.ndarray:
+    """``[K, H, W]`` float32: slice position ``p`` of ``stack`` ``[Z, H, W]`` (clipped into it),
+    linearly blended between ``floor(p)`` and the next slice; integer positions are exact."""
+    pos = np.clip(np.asarray(positions, dtype=np.float64).reshape(-1), 0.0, stack.shape[0] - 1.0)
+    lo = np.floor(pos).astype(np.int64)
+    w = (pos - lo).astype(np.float32)
+    out = np.asarray(stack[lo], dtype=np.float32)
+    blend = w > 1e-6
+    if blend.any():
+        hi = np.minimum(lo[blend] + 1, stack.shape[0] - 1)
+        out[blend] = out[blend] * (1.0 - w[blend, None, None]) + np.asarray(stack[hi], np.float32) * w[blend, None, None]
+    return out
 
 
 def canonical_slice_index(orientation: "Orientation | VoxelTransform", source_index: np.ndarray) -> np.ndarray:

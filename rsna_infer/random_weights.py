@@ -73,8 +73,8 @@ def tiny_entries(roi_heads: Sequence[str] = ("gated", "plain", "level_lstm")) ->
         chans = 1 if head == "slice_gru" else 3
         roi.append(e(f"roi_{variant}", "roi", variant, "test_resnet", [32, 32], 3, chans, {group: 1.0}, head=head))
     return [
-        e("sag2d_t2", "sag2d", "t2", "test_resnet", [64, 64], 10, 3),
-        e("sag2d_t1", "sag2d", "t1", "test_resnet", [64, 64], 10, 3),
+        e("sag2d_t2", "sag2d", "t2", "test_resnet", [64, 64], 3, 3),
+        e("sag2d_t1", "sag2d", "t1", "test_resnet", [64, 64], 3, 3),
         e("sag3d_t2", "sag3d", "t2", "mobilenetv2_035", [16, 64, 64]),
         e("sag3d_t1", "sag3d", "t1", "mobilenetv2_035", [16, 64, 64]),
         e("axial3d", "axial3d", "default", "mobilenetv2_035", [32, 64, 64]),

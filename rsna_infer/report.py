@@ -104,11 +104,13 @@ class StudyRecord:
 
 
 def keypoint_set_dict(s: "KeypointSet") -> dict[str, Any]:
-    """JSON form of one set: world mm (None where missing), confidence, series/stack."""
+    """JSON form of one set: world mm and origin (the set each point came from; None where
+    missing), confidence, series/stack."""
     valid = s.valid
     return {
         "kind": s.kind,
         "source": s.source,
+        "origin": [str(o) if ok else None for o, ok in zip(s.origin, valid)],
         "world": [np.round(w, 2).tolist() if ok else None for w, ok in zip(s.world, valid)],
         "confidence": np.round(s.confidence, 4).tolist(),
         "series_id": s.series_id.tolist(),
@@ -117,12 +119,15 @@ def keypoint_set_dict(s: "KeypointSet") -> dict[str, Any]:
 
 
 def keypoints_dict(kp: "StudyKeypoints") -> dict[str, Any]:
-    """Every set of a study plus the merged best set per kind (``best/<kind>``)."""
+    """Every set of a study plus the merged best set per kind (``best/<kind>``, with the
+    default preference of `rsna_infer.stage1.assemble.DEFAULT_PREFER`; ``origin`` says per
+    point which set it came from)."""
+    from .stage1.assemble import preferred_best
     from .stage1.keypoints import POINT_KINDS
 
     out = {key: keypoint_set_dict(s) for key, s in sorted(kp.sets.items())}
     for kind in POINT_KINDS:
-        best = kp.best(kind)
+        best = preferred_best(kp, kind)
         if best is not None:
             out[f"best/{kind}"] = keypoint_set_dict(best)
     return out

@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +31,21 @@ from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
 from rsna_infer.family import GradingFamily, KeypointFamily, Sample
 from rsna_infer.io.volume import Volume
 from rsna_infer.io.writer import write_volume
+from rsna_infer.options import Options, option
 from rsna_infer.stage1.keypoints import KeypointSet
+
+
+@dataclass(frozen=True)
+class FakeOptions(Options):
+    """The fakes' ``model_kwargs``: the failures and costs a test injects (see the module docstring)."""
+
+    fail_on: list = option([], "study ids whose prepare raises")
+    nan_on: list = option([], "study ids whose grades are NaN")
+    raise_on: list = option([], "study ids whose presence makes a batch raise")
+    slow_on: list = option([], "study ids whose prepare sleeps slow_s")
+    slow_s: float = option(1.0, "seconds a slow_on study's prepare sleeps")
+    cost: float = option(0.0, "seconds a forward adds to CLOCK per sample")
+    oom_over: int | None = option(None, "a batch larger than this raises out-of-memory")
 
 
 class FakeClock:
@@ -94,6 +109,7 @@ def _maybe_out_of_memory(entry, batch_size: int) -> None:
 
 class FakeSag(KeypointFamily):
     name = "sag2d"
+    options_type = FakeOptions
 
     def build(self) -> nn.Module:
         BUILD_ENV.append(os.environ.get("HF_HUB_OFFLINE"))
@@ -142,6 +158,7 @@ class FakeSag(KeypointFamily):
 
 
 class FakeGrader(GradingFamily):
+    options_type = FakeOptions
     name = "roi"
     patch = 8
 

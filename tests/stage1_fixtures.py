@@ -39,6 +39,17 @@ def make_volume(
     return Volume(pixels, pos, row, col, spacing, np.arange(shape[0]) + 1, 1, series_id, description, stack_index)
 
 
+def mirror_volume(vol: Volume) -> Volume:
+    """``vol`` mirrored left/right in patient coordinates (x -> -x of positions and in-plane
+    directions; same pixels), its slices re-sorted along the new normal as a reader would."""
+    m = np.array([-1.0, 1.0, 1.0])
+    pos, row, col = vol.positions * m, vol.row_dir * m, vol.col_dir * m
+    pixels, inst = vol.pixels, vol.instance_numbers
+    if (pos @ np.cross(row, col))[-1] < (pos @ np.cross(row, col))[0]:
+        pos, pixels, inst = pos[::-1].copy(), pixels[::-1].copy(), inst[::-1].copy()
+    return Volume(pixels, pos, row, col, vol.spacing, inst, vol.study_id, vol.series_id, vol.description, vol.stack_index)
+
+
 def sagittal(
     shape=(15, 64, 64), series_id=10, description=SAG_T2, toward_left: bool = False, pixels=None, stack_index=0,
     slice_spacing: float = 4.0,

@@ -38,6 +38,10 @@ def test_merge_keeps_most_confident_valid_point():
     np.testing.assert_allclose(m.confidence, [0.9, 0.8, 0.3, 0.5, 0.6])
     assert m.world[0, 0] == a.world[0, 0] and m.world[1, 0] == b.world[1, 0] and m.world[4, 0] == b.world[4, 0]
     assert m.source == "a+b"
+    assert m.origin.tolist() == ["a", "b", "b", "a", "b"]
+    # a merge names only the sets its points came from
+    only_b = a.merge_most_confident(_set("spinal", [1.0] * 5, source="b"))
+    assert only_b.source == "b" and set(only_b.origin) == {"b"}
     # inputs untouched
     np.testing.assert_allclose(a.confidence, [0.9, 0.1, 0.0, 0.5, 0.5])
 
@@ -52,6 +56,20 @@ def test_best_prefers_order_then_fills_gaps_and_truth_first():
     kp.sets[truth_key("spinal")] = _set("spinal", [1, 1, 1, 1, 1], offset=1000.0)
     assert kp.best("spinal", prefer=("high",)).world[0, 0] == 1000.0
     assert kp.best("foraminal") is None
+
+
+def test_best_fills_gaps_by_confidence_and_names_each_points_origin():
+    kp = StudyKeypoints(1)
+    kp.sets["pref"] = _set("spinal", [0.5, 0.0, 0.0, 0.0, 0.0], offset=0.0, source="pref")
+    kp.sets["weak"] = _set("spinal", [0.9, 0.2, 0.7, 0.0, 0.0], offset=100.0, source="weak")  # inserted first
+    kp.sets["strong"] = _set("spinal", [0.9, 0.8, 0.3, 0.4, 0.0], offset=200.0, source="strong")
+    best = kp.best("spinal", prefer=("pref",))
+    assert best.origin.tolist() == ["pref", "strong", "weak", "strong", ""]
+    np.testing.assert_allclose(best.confidence, [0.5, 0.8, 0.7, 0.4, 0.0])
+    assert best.world[1, 0] == 200.0 + 3 and best.world[2, 0] == 100.0 + 6
+    assert best.source == "pref+strong+weak"
+    missing = KeypointSet.empty("spinal", source="x")
+    assert missing.origin.tolist() == [""] * 5 and missing.sources_of_points() == ""
 
 
 def test_describe_names_points():

@@ -9,14 +9,18 @@ from stage1_fixtures import (
     sagittal,
     spinal_world,
     study_of,
+    subarticular_world,
     world_set,
 )
 
 from rsna_infer.registry import make_family
 from rsna_infer.stage1.assemble import (
+    DEFAULT_PREFER,
     LATERAL_OFFSET_MM,
+    MAX_LEVEL_MM,
     finalize,
     merge_decoded,
+    merge_sagittal,
     projection_set,
 )
 from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints
@@ -207,3 +211,56 @@ def test_three_axial_series_most_confident_stack_wins_and_keeps_its_ids():
         # left points lie toward patient left (+x) of right points, whatever the stack's storage
         assert (refined.world[k, 0] > 0) == (side == 0), (side, lv, refined.world[k])
     assert "axial_xy" in refined.source
+
+
+def test_wrong_level_axial_points_fall_back_and_the_xy_model_refines_them_on_the_canal_level():
+    """A short axial stack whose classifier names the wrong disc: the point is more than
+    MAX_LEVEL_MM from its level's canal point, so finalize drops it (best() falls back to the
+    projection) and axial_xy, run after the canal is known, refines it on the right slice."""
+    sag, ax = sagittal(), axial(series_id=20)
+    study = study_of(sag, ax)
+    canal = world_set("spinal", spinal_world(), sag, source="sag3d_t2")
+    pts = subarticular_world()
+    wrong = pts.copy()
+    wrong[[1, 6], 2] = LEVEL_Z[2]  # L2/L3 points placed on the L3/L4 disc
+    level_set = world_set("subarticular", wrong, ax, source="axial_level")
+    kp = StudyKeypoints(1, {"sag3d_t2": canal, "axial_level": level_set})
+    out = finalize(study, kp)
+    assert out.report["cross_view"]["wrong_level"]["axial_level"] == ["subarticular left L2/L3", "subarticular right L2/L3"]
+    best = out.best("subarticular", prefer=("axial_level", "projection"))
+    assert best.origin.tolist() == ["axial_level"] + ["projection"] + ["axial_level"] * 4 + ["projection"] + ["axial_level"] * 3
+    assert abs(best.world[1, 2] - LEVEL_Z[1]) <= 2.5 and abs(best.world[6, 2] - LEVEL_Z[1]) <= 2.5
+    # the xy model's samples: the moved points sit on the canal's slice and say where it came from
+    xy = make_family(entry("axial_xy", n_slices=3, in_chans=3))
+    samples = xy.prepare(study, kp)
+    placed = {int(k): (s.meta["z"][j], s.meta["origin"][j]) for s in samples for j, k in enumerate(s.meta["points"])}
+    assert placed[1][1] == "projection" and placed[6][1] == "projection" and placed[0][1] == "axial_level"
+    assert placed[1][0] == pytest.approx(ax.nearest_slice(canal.world[1]))
+    assert MAX_LEVEL_MM < abs(LEVEL_Z[2] - LEVEL_Z[1])
+
+
+def test_merge_sagittal_takes_the_3d_slice_refines_in_plane_and_fills_gaps():
+    sag = sagittal()
+    study = study_of(sag)
+    truth = spinal_world()
+    s3_world = truth + np.array([0.0, 0.0, 2.0])  # 2 mm off in-plane (superior)
+    s2_world = truth + np.array([-3.0, 0.0, -2.0])  # another slice (x) and 2 mm inferior
+    valid3 = np.array([True, True, True, True, False])
+    s3 = world_set("spinal", s3_world, sag, valid=valid3, source="sag3d_t2")
+    s2 = world_set("spinal", s2_world, sag, source="sag2d_t2")
+    kp = StudyKeypoints(1, {"sag3d_t2": s3, "sag2d_t2": s2})
+    m = merge_sagittal(study, kp, "spinal", refine_weight=0.5)
+    assert m.origin.tolist() == ["sag3d_t2+sag2d_t2"] * 4 + ["sag2d_t2"]
+    np.testing.assert_allclose(m.world[:4], truth[:4], atol=1e-9)  # slice (x) from 3-D, in-plane half way
+    np.testing.assert_allclose(m.world[4], s2_world[4])
+    np.testing.assert_allclose(sag.to_world(m.voxel), m.world, atol=1e-9)
+    plain = merge_sagittal(study, kp, "spinal", refine_weight=0.0)
+    np.testing.assert_allclose(plain.world[:4], s3_world[:4])
+    assert plain.origin.tolist() == ["sag3d_t2"] * 4 + ["sag2d_t2"] and plain.source == "sag3d_t2+sag2d_t2"
+    far = world_set("spinal", truth + np.array([0.0, 0.0, 60.0]), sag, source="sag2d_t2")
+    m = merge_sagittal(study, StudyKeypoints(1, {"sag3d_t2": s3, "sag2d_t2": far}), "spinal")
+    np.testing.assert_allclose(m.world[:4], s3_world[:4])  # too far apart: not the same point
+    out = finalize(study, kp)
+    best = out.best("spinal", prefer=DEFAULT_PREFER["spinal"])
+    assert best.origin[0] == "sag3d_t2+sag2d_t2"
+    np.testing.assert_allclose(best.world[:4], (truth + [0.0, 0.0, -2.0])[:4], atol=1e-9)  # default: sag2d in-plane

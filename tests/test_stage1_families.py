@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from stage1_fixtures import axial, entry, make_volume, sagittal, study_of, truth_for
+from stage1_fixtures import axial, entry, make_volume, mirror_volume, sagittal, study_of, truth_for
 from torch import nn
 
 from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
@@ -173,7 +173,7 @@ def test_sag2d_t2_round_trip_in_plane_on_centre_slice():
         vol = study.find(s.meta["series_id"], s.meta["stack_index"])
         truth_vox = vol.to_voxel(truth.get("truth_spinal").world)
         np.testing.assert_allclose(ks.voxel[:, 1:], truth_vox[:, 1:], atol=1e-4)
-        _, centre = fam.channel_slices(vol.shape[0])
+        _, centre = fam.channel_positions(vol.shape[0])
         np.testing.assert_allclose(ks.voxel[:, 0], source_slice_index(s.meta["transform"], centre))
         np.testing.assert_allclose(ks.confidence, fam.confidence)
 
@@ -184,7 +184,7 @@ def test_sag2d_t1_sides_in_patient_coordinates():
     fam, results = _round_trip("sag2d_t1", study, truth, rng=np.random.default_rng(0))
     ((s, _, ks),) = results
     vol = study.find(s.meta["series_id"], 0)
-    centre = source_slice_index(s.meta["transform"], fam.channel_slices(vol.shape[0])[1])
+    centre = source_slice_index(s.meta["transform"], fam.channel_positions(vol.shape[0])[1])
     centre_x = vol.to_world(np.array([centre, 0.0, 0.0]))[0]
     left, right = ks.world[:5], ks.world[5:]
     np.testing.assert_allclose(left[:, 0] - centre_x, 18.0, atol=1e-4)  # patient left = larger x
@@ -260,7 +260,7 @@ def test_tta_exact_on_ap_symmetric_input(key):
     torch.manual_seed(0)
     model = fam.build().eval()
     batch = fam.example_batch(2)
-    (ap,) = fam.tta_flips
+    ((ap,),) = fam.tta_flips
     batch["image"] = _symmetric(batch["image"], ap - 3)
     with torch.no_grad():
         plain, tta = fam.run(model, batch), fam.run(model, batch, tta=True)
@@ -301,7 +301,7 @@ def test_tta_unflips_exactly_with_side_swap(key, lateral_dim):
     """With a flip-equivariant model, TTA (A/P flip + left/right mirror) equals no TTA."""
     e = _entries()[key]
     fam = make_family(entry(e.family, e.variant, e.arch, e.input.size, model_kwargs={"tta_lr": True}))
-    assert len(fam.tta_flips) == 2
+    assert len(fam.tta_flips) == 3  # A/P, L/R, and both
     model = _CentroidModel(lateral_dim, 10, (1, 2, 3))
     batch = {"image": torch.rand(2, 1, 16, 20, 24) ** 4}
     plain, tta = fam.run(model, batch), fam.run(model, batch, tta=True)
@@ -345,6 +345,36 @@ def test_series_types_read():
     assert fams["sag2d_t2"].series_type == SAG_T2 and fams["sag2d_t1"].series_type == SAG_T1
     study = _study()
     assert {s.meta["series_id"] for s in fams["axial3d"].prepare(study)} == {v.series_id for v in study.get(AXIAL_T2)}
+
+
+def test_sag2d_old_n_slices_meaning_reads_as_sampled_slices():
+    """Older manifests said ``n_slices: 10`` for the 10 sampled slices; the new names are
+    ``n_slices`` = ``in_chans`` (slices per input) and ``extra.sampled_slices``."""
+    old = make_family(entry("sag2d", "t2", n_slices=10, in_chans=3))
+    new = make_family(entry("sag2d", "t2", n_slices=3, in_chans=3, extra={"sampled_slices": 10}))
+    default = make_family(entry("sag2d", "t2", n_slices=3, in_chans=3))
+    assert old.sampled_slices == new.sampled_slices == default.sampled_slices == 10
+    np.testing.assert_allclose(old.channel_positions(17)[0], new.channel_positions(17)[0])
+    study = _study()
+    np.testing.assert_array_equal(old.prepare(study)[0].inputs["image"], new.prepare(study)[0].inputs["image"])
+    with pytest.raises(SpecError, match="sampled_slices"):
+        make_family(entry("sag2d", "t2", n_slices=5, in_chans=3, extra={"sampled_slices": 10}))
+
+
+@pytest.mark.parametrize("n_total", [9, 10, 17, 18])
+def test_sag2d_channels_are_symmetric_and_a_mirrored_stack_reverses_them(n_total):
+    fam = make_family(entry("sag2d", "t2", n_slices=3, in_chans=3))
+    pos, centre = fam.channel_positions(n_total)
+    assert centre == (n_total - 1) / 2
+    np.testing.assert_allclose(pos[::-1], (n_total - 1) - pos)  # mirror image of itself
+    np.testing.assert_allclose(np.diff(pos), (n_total - 1) / 9)  # the 10-sample spacing
+    # a stack mirrored left/right in patient coordinates: same pixels, the channels reversed
+    vol = sagittal((n_total, 64, 64), series_id=10)
+    mirrored = mirror_volume(vol)
+    assert np.allclose(mirrored.pixels, vol.pixels[::-1])
+    a = fam.prepare(study_of(vol))[0].inputs["image"]
+    b = fam.prepare(study_of(mirrored))[0].inputs["image"]
+    np.testing.assert_allclose(b, a[::-1], atol=1e-6)
 
 
 def test_axial_level_padding_to_a_bucket_leaves_each_stack_s_output_unchanged():

@@ -33,7 +33,8 @@ def families():
 
 def test_predict_keypoints_all_families(study, families):
     kp = predict_keypoints(families, study, tta=True)
-    assert set(kp.sets) == {"sag2d_t2", "sag2d_t1", "sag3d_t2", "axial3d", "axial_level", "projection"}
+    assert set(kp.sets) == {"sag2d_t2", "sag2d_t1", "sag3d_t2", "axial3d", "axial_level", "projection",
+                            "sagittal_t2", "sagittal_t1"}
     for key, s in kp.sets.items():
         v = s.valid
         assert v.any(), key
@@ -44,9 +45,10 @@ def test_predict_keypoints_all_families(study, families):
 
 
 def test_axial_xy_refines_xy_and_keeps_level_z(study, families):
-    level_only = [fm for fm in families if fm[0].name != "axial_xy"]
+    axial_only = [fm for fm in families if fm[0].view == "axial"]  # no canal points: no level reconciliation
+    level_only = [fm for fm in axial_only if fm[0].name != "axial_xy"]
     base = predict_keypoints(level_only, study, finalize=False).get("axial_level")
-    refined = predict_keypoints(families, study, finalize=False).get("axial_level")
+    refined = predict_keypoints(axial_only, study, finalize=False).get("axial_level")
     assert base.valid.any()
     np.testing.assert_array_equal(refined.valid, base.valid)
     v = base.valid
@@ -56,7 +58,7 @@ def test_axial_xy_refines_xy_and_keeps_level_z(study, families):
     vol = study.find(int(base.series_id[v][0]), 0)
     np.testing.assert_allclose(base.voxel[v, 1:], [[(vol.shape[1] - 1) / 2, (vol.shape[2] - 1) / 2]] * int(v.sum()))
     assert not np.allclose(refined.voxel[v, 1:], base.voxel[v, 1:])
-    assert "axial_xy" in refined.source
+    assert "axial_xy" in refined.source and set(refined.origin[v]) == {"axial_level+axial_xy"}
 
 
 def test_run_folds_averages_run_outputs(study):
@@ -68,3 +70,33 @@ def test_run_folds_averages_run_outputs(study):
         expected = (fam.run(models[0], batch) + fam.run(models[1], batch)).numpy() / 2
     np.testing.assert_allclose(run_folds(fam, models, batch), expected, atol=1e-6)
     np.testing.assert_allclose(run_folds(fam, models[0], batch), fam.run(models[0], batch).detach().numpy(), atol=1e-6)
+
+
+def test_full_flip_group_makes_a_mirrored_study_give_the_mirrored_keypoints(study):
+    """With ``tta_lr`` every family averages identity, A/P, L/R and A/P+L/R: the keypoints of
+    the study mirrored left/right in patient coordinates are exactly the mirrored keypoints
+    of the original, left and right swapped (random networks: no training can hide a slip)."""
+    from stage1_fixtures import mirror_volume
+
+    from rsna_infer.io.volume import Study
+
+    torch.manual_seed(3)
+    lr = {"tta_lr": True}
+    entries = [
+        entry("sag2d", "t1", n_slices=3, in_chans=3, model_kwargs=lr),
+        entry("sag3d", "t1", arch="mobilenetv2_035", size=(16, 64, 64), model_kwargs={**lr, "head": "heatmap"}),
+        entry("axial3d", arch="mobilenetv2_035", size=(16, 64, 64), model_kwargs=lr),
+        entry("axial_level", n_slices=3, in_chans=3, model_kwargs={**lr, "hidden": 16, "heads": 2}),
+        entry("axial_xy", n_slices=3, in_chans=3, model_kwargs=lr),
+    ]
+    fams = [(f, f.build().eval()) for f in map(make_family, entries)]
+    mirrored = Study(study.study_id, {k: [mirror_volume(v) for v in vols] for k, vols in study.volumes.items()})
+    a = predict_keypoints(fams, study, tta=True, finalize=False)
+    b = predict_keypoints(fams, mirrored, tta=True, finalize=False)
+    swap = np.r_[5:10, 0:5]
+    for key in ("sag2d_t1", "sag3d_t1", "axial3d", "axial_level"):
+        sa, sb = a.get(key), b.get(key)
+        np.testing.assert_array_equal(sb.valid, sa.valid[swap])
+        v = sb.valid
+        np.testing.assert_allclose(sb.world[v] * [-1, 1, 1], sa.world[swap][v], atol=2e-3, err_msg=key)
+        np.testing.assert_allclose(sb.confidence, sa.confidence[swap], atol=1e-4, err_msg=key)

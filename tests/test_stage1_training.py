@@ -63,6 +63,18 @@ def test_sag2d_point_loss_is_learnable():
     assert last < 0.4 * first, (first, last)
 
 
+def test_heatmap_head_loss_is_learnable_and_keeps_heatmaps_peaked():
+    rng = np.random.default_rng(1)
+    items = [_sag_item(i, rng) for i in range(6)]
+    fam = make_family(entry("sag2d", "t2", size=(48, 48), n_slices=1, in_chans=1, model_kwargs={"head": "heatmap"}))
+    net = fam.build().train()
+    batch = fam.collate([s for st, t in items for s in fam.prepare(st, t)])
+    assert net(batch).shape[-1] == 2 + 1 + 2  # (y, x), visibility, spread per axis: training only
+    assert net.eval()(batch).shape[-1] == 3
+    first, last = _train(fam, items, steps=40)
+    assert last < 0.4 * first, (first, last)
+
+
 def test_axial_level_loss_is_learnable():
     items = []
     for i in range(3):

@@ -12,7 +12,7 @@ from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints, truth_key
 from rsna_infer.stage2.fusion import FusionFamily
 from rsna_infer.stage2.layout import point_lr_perm, point_targets, points_mask, scatter_points, swap_lr
 from rsna_infer.stage2.roi import HEADS, RoiFamily
-from rsna_infer.stage2.tta import ViewAxes, mirror, run_tta, tta_passes
+from rsna_infer.stage2.tta import ViewAxes, mirror, mirror_sample, run_tta, tta_passes
 
 
 LEVEL_Z = np.array([42.0, 26.0, 10.0, -6.0, -22.0])  # cranial -> caudal, on axial slices
@@ -396,7 +396,8 @@ def test_two_axial_stacks_each_point_uses_its_own_stack():
         ({"variant": "nope"}, "variant"),
         ({"head": "mlp"}, "head"),
         ({"model_kwargs": {"bogus": 1}}, "bogus"),
-        ({"extra": {"aug": {"lr_flip": 0.5}}}, "lr_flip"),
+        ({"extra": {"aug": {"lr_flip": 1.5}}}, "lr_flip"),
+        ({"extra": {"aug": {"spin": 0.5}}}, "spin"),
         ({"extra": {"aug": {"ap_flip": 2}}}, "ap_flip"),
         ({"model_kwargs": {"prefer": {"disc": ["x"]}}}, "disc"),
         ({"extra": {"what": 1}}, "what"),
@@ -439,7 +440,7 @@ def test_lr_swap_constant_matches_conditions():
 
 
 def test_training_ap_mirror_flips_every_view_and_is_recorded(study):
-    aug = {"jitter_mm": 0.0, "scale": 0.0, "intensity": 0.0, "ap_flip": 1.0}
+    aug = {"jitter_mm": 0.0, "scale": 0.0, "intensity": 0.0, "ap_flip": 1.0, "lr_flip": 0.0}
     fam = make_family(entry("roi", "subarticular", "plain", extra={"aug": aug}))
     plain = fam.prepare(*study)[0]
     flipped = fam.prepare(*study, rng=np.random.default_rng(0))[0]
@@ -447,3 +448,66 @@ def test_training_ap_mirror_flips_every_view_and_is_recorded(study):
     np.testing.assert_array_equal(flipped.inputs["crops"], plain.inputs["crops"][..., ::-1, :])  # axial: rows = A/P
     np.testing.assert_array_equal(flipped.inputs["sag"], plain.inputs["sag"][..., ::-1])  # sagittal: cols = A/P
     np.testing.assert_array_equal(flipped.mask, plain.mask)
+
+
+@pytest.mark.parametrize("family,variant,head,arch", [("roi", "subarticular", "plain", "test_resnet"),
+                                                      ("roi", "foraminal", "gated", "test_resnet"),
+                                                      ("fusion", "default", None, "test_efficientnet")])
+def test_training_lr_mirror_swaps_inputs_mask_and_labels(study, family, variant, head, arch):
+    """A left/right training mirror shows the mirrored patient: inputs as the lr TTA pass sees
+    them, left/right slots, mask and labels swapped."""
+    st, kps = study
+    kps = StudyKeypoints(kps.study_id, dict(kps.sets))
+    for key in ("sag3d_t1", "axial_level"):  # drop the left L1/L2 point: an asymmetric mask
+        s = kps.sets[key]
+        kps.sets[key] = s.with_points(np.arange(len(s)) == 0, confidence=np.zeros(len(s)))
+    aug = {"jitter_mm": 0.0, "scale": 0.0, "intensity": 0.0, "ap_flip": 0.0, "lr_flip": 1.0}
+    fam = make_family(entry(family, variant, head, arch=arch, extra={"aug": aug}))
+    plain = fam.prepare(st, kps)[0]
+    mirrored = fam.prepare(st, kps, rng=np.random.default_rng(0))[0]
+    assert mirrored.meta["lr_mirrored"] and not plain.meta["lr_mirrored"]
+    expected = mirror_sample(plain.inputs, fam.view_axes(), lr=True)
+    for k in plain.inputs:
+        np.testing.assert_array_equal(mirrored.inputs[k], expected[k])
+    if family == "roi":
+        assert not np.array_equal(plain.mask, plain.mask[list(LR_SWAP)])
+    np.testing.assert_array_equal(mirrored.mask, plain.mask[list(LR_SWAP)])
+    labels = np.arange(25).reshape(5, 5)
+    np.testing.assert_array_equal(fam.sample_labels(mirrored, labels), labels[list(LR_SWAP)])
+    np.testing.assert_array_equal(fam.sample_labels(plain, labels), labels)
+    # the network's lr TTA pass on the plain batch is the same computation as the mirrored sample
+    torch.manual_seed(0)
+    net = fam.build().eval()
+    with torch.no_grad():
+        a = net(fam.collate([mirrored]))
+        b = net(mirror(fam.collate([plain]), fam.view_axes(), lr=True))
+    torch.testing.assert_close(a, b)
+
+
+def test_fusion_crops_slice_windows_around_rule_slices_only(study):
+    """sag-2d points (slice = a rule) get the write-up's windows: T2 the slices around the
+    middle at the 10-sample spacing, T1 left / right the last / first 5 of the 10 samples;
+    points with a modelled slice get their consecutive slices."""
+    st, kps = study
+    rule = StudyKeypoints(kps.study_id, {k: v for k, v in kps.sets.items() if not k.startswith("sag3d")})
+    rule.sets["sag2d_t2"] = KeypointSet(**{**kps.sets["sag3d_t2"].__dict__, "source": "sag2d_t2", "origin": None})
+    rule.sets["sag2d_t1"] = KeypointSet(**{**kps.sets["sag3d_t1"].__dict__, "source": "sag2d_t1", "origin": None})
+    fam = make_family(entry("fusion", "default", n_slices=5, arch="test_efficientnet"))
+    modelled = fam.prepare(st, kps)[0].meta["crops"]["sag"]
+    windowed = fam.prepare(st, rule)[0].meta["crops"]["sag"]
+    t2, t1 = st.first(SAG_T2), st.first(SAG_T1)
+    for lv in range(5):
+        z = int(round(kps.sets["sag3d_t2"].voxel[lv, 0]))
+        assert sorted(modelled[0][lv].slices) == list(range(z - 2, z + 3))
+        canon = np.rint((t2.shape[0] - 1) / 2 + (np.arange(5) - 2) * (t2.shape[0] - 1) / 9)
+        src = np.rint(modelled[0][lv].orientation.to_source(np.stack([canon, 0 * canon, 0 * canon], -1))[:, 0])
+        assert sorted(windowed[0][lv].slices) == sorted(src.astype(int).tolist())
+        samples = np.arange(10) * (t1.shape[0] - 1) / 9
+        o = windowed[1][lv].orientation
+        to_src = lambda c: set(np.rint(o.to_source(np.stack([c, 0 * c, 0 * c], -1))[:, 0]).astype(int).tolist())  # noqa: E731
+        assert set(windowed[1][lv].slices) == to_src(np.rint(samples[5:]))  # left: toward patient left
+        assert set(windowed[2][lv].slices) == to_src(np.rint(samples[:5]))
+    # sag_windows off: the rule slices are cropped like any other
+    off = make_family(entry("fusion", "default", n_slices=5, arch="test_efficientnet", extra={"sag_windows": False}))
+    plain = off.prepare(st, rule)[0].meta["crops"]["sag"]
+    assert list(plain[0][0].slices) == list(modelled[0][0].slices)

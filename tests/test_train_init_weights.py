@@ -171,3 +171,18 @@ def test_inference_builds_never_pretrained(monkeypatch):
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: seen.append(k.get("pretrained")) or real(*a, **k))
     create_backbone("test_resnet", dims=2, in_chans=1)
     assert seen == [False]
+
+
+@pytest.mark.parametrize("arch", ["test_convnext", "test_resnet"])
+def test_feature_map_backbone_starts_from_the_full_model_s_weights(arch):
+    """The heatmap head's backbone (timm ``features_only``, module names flattened with '_'
+    in place of the nesting dots) is found and loaded from a full model's checkpoint."""
+    from rsna_infer.backbones import create_feature_backbone
+
+    source = _imagenet_like(arch)
+    net = nn.Sequential()
+    net.add_module("backbone", create_feature_backbone(arch, dims=2, in_chans=1, min_stride=4))
+    assert [p for p, _, _ in find_backbones(net)] == ["backbone"]
+    report = load_into(net.backbone, source, path="backbone", arch=arch)
+    assert report.random_share == 0.0 and report.loaded, report.summary()
+    assert any("input channels" in a for a in report.adapted)

@@ -226,24 +226,28 @@ def test_tiny_run_pictures_every_view_with_exact_geometry(tiny_qa, phantom_test_
 
 @pytest.mark.slow
 def test_demo_markers_land_on_their_keypoint_pixels(demo_qa, phantom_test_root):
+    from rsna_infer.manifest import load_manifest
+
     rep = json.loads((demo_qa / "run_report.json").read_text())
+    sizes = {f"{e.family}/{e.variant}": tuple(e.input.size[-2:]) for e in load_manifest(check_demo_weights()).models}
     n = 0
     for side in (demo_qa / "qa").glob("study_*/qa.json"):
         d = json.loads(side.read_text())
         study = _load(phantom_test_root, d["study_id"], "test")
-        frame = next(f for f in d["frames"] if f["group"] == "sag2d/t2" and any(m["kind"] == "spinal" for m in f["marks"]))
-        px = _png(side.parent / frame["file"])
-        s = frame["scale"]
-        assert px.shape[1] >= 64 * s and px.shape[0] >= 64 * s
-        world = rep["studies"][str(d["study_id"])]["keypoints"]["best/spinal"]["world"]
-        spinal = [m for m in frame["marks"] if m["kind"] == "spinal"]
-        for m in spinal:
-            row, col, _ = _expected_pixel(study, frame["series_id"], frame["stack_index"], "sagittal", world[m["index"]], (64, 64))
-            x, y = (col + 0.5) * s - 0.5, (row + 0.5) * s - 0.5
-            crowded = any(o is not m and np.hypot(o["x"] - x, o["y"] - y) < 2.5 * s for o in frame["marks"])
-            if not crowded:
-                assert tuple(px[round(y), round(x)]) == LEVEL_COLOURS[m["index"]], (frame["file"], m)
-                n += 1
+        # every sagittal T2 input the spinal points are marked on (sag2d channels, sag3d slices)
+        for frame in (f for f in d["frames"] if f["group"] in ("sag2d/t2", "sag3d/t2") and any(m["kind"] == "spinal" for m in f["marks"])):
+            px = _png(side.parent / frame["file"])
+            s = frame["scale"]
+            assert px.shape[1] >= 64 * s and px.shape[0] >= 64 * s
+            world = rep["studies"][str(d["study_id"])]["keypoints"]["best/spinal"]["world"]
+            spinal = [m for m in frame["marks"] if m["kind"] == "spinal"]
+            for m in spinal:
+                row, col, _ = _expected_pixel(study, frame["series_id"], frame["stack_index"], "sagittal", world[m["index"]], sizes[frame["group"]])
+                x, y = (col + 0.5) * s - 0.5, (row + 0.5) * s - 0.5
+                crowded = any(o is not m and np.hypot(o["x"] - x, o["y"] - y) < 2.5 * s for o in frame["marks"])
+                if not crowded:
+                    assert tuple(px[round(y), round(x)]) == LEVEL_COLOURS[m["index"]], (frame["file"], m)
+                    n += 1
     assert n >= 5
 
 
@@ -264,13 +268,16 @@ def test_cli_show_draws_the_ground_truth(phantom_train, tmp_path, capsys):
     assert (out / "submission.csv").is_file() and (out / "index.html").is_file()
     _check_links(out)
     d = json.loads((out / f"study_{sid}" / "qa.json").read_text())
+    from rsna_infer.manifest import load_manifest
+
+    sizes = {f"{e.family}/{e.variant}": tuple(e.input.size[-2:]) for e in load_manifest(check_demo_weights()).models}
     study = _load(root, sid, "train")
     truth = truth_keypoints(study, read_coordinates(labels)[sid])
     n = 0
     for f in d["frames"]:
         px = _png(out / f"study_{sid}" / f["file"])
         view = "axial" if f["series_type"] == "Axial T2" else "sagittal"
-        size = (64, 64) if f["group"] != "axial_level/default" else (48, 48)
+        size = sizes[f["group"]]
         for m in (m for m in f["marks"] if m["truth"]):
             t = truth.get(f"truth_{m['kind']}")
             row, col, _ = _expected_pixel(study, f["series_id"], f["stack_index"], view, t.world[m["index"]], size)
@@ -398,3 +405,4 @@ def test_cli_predict_writes_qa_pages(fam, fake_root, tmp_path, monkeypatch, caps
     assert f"QA pages: {tmp_path / 'qa' / 'index.html'}" in capsys.readouterr().out
     assert len(list((tmp_path / "qa").glob("study_*.html"))) == 2
     _check_links(tmp_path / "qa")
+

@@ -21,7 +21,7 @@ Side is decided in patient coordinates: stacks are put in canonical axial orient
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
@@ -38,8 +38,9 @@ from ..imaging import (
     source_slice_index,
     view_alignment,
 )
+from ..options import ExtraOptions, Options, option
 from ..specs import SpecError
-from .common import MIN_VIEW_ALIGNMENT, POINT_MODEL_KWARGS, PerStackFamily, PointFamily, Stage1Family
+from .common import MIN_VIEW_ALIGNMENT, PerStackFamily, PointFamily, Stage1Family
 from .keypoints import KeypointSet, StudyKeypoints, truth_key
 
 if TYPE_CHECKING:
@@ -64,23 +65,48 @@ def _check_channels(family: Stage1Family) -> None:
                         f"in_chans={spec.in_chans}")
 
 
+@dataclass(frozen=True)
+class AxialLevelOptions(Options):
+    """``model_kwargs`` of the level classifier."""
+
+    hidden: int = option(64, "LSTM width (per direction)")
+    attention: bool = option(True, "self-attention over the slices after the LSTM")
+    heads: int = option(4, "attention heads (2 * hidden must be divisible by it)")
+    dropout: float = option(0.0, "dropout in the projection and attention")
+    z_window: int = option(2, "z = probability-weighted slice index within this many slices of the most probable one")
+    none_weight: float = option(1.0, "loss weight of the 'none' class")
+    tta_lr: bool = option(False, "flip TTA adds the left/right mirror and the combined A/P + L/R one (sides swapped back)")
+
+    def check(self) -> None:
+        self.need(self.hidden >= 1 and self.heads >= 1, "hidden and heads must be >= 1")
+        self.need(not self.attention or (2 * self.hidden) % self.heads == 0,
+                  f"heads ({self.heads}) must divide 2 * hidden ({2 * self.hidden})")
+        self.need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        self.need(self.z_window >= 0, f"z_window must be >= 0, got {self.z_window}")
+        self.need(self.none_weight >= 0, f"none_weight must be >= 0, got {self.none_weight}")
+
+
+@dataclass(frozen=True)
+class AxialLevelInput(ExtraOptions):
+    max_slices: int = option(0, "slices read per stack, sampled evenly (0: every slice)")
+
+    def check(self) -> None:
+        self.need(self.max_slices >= 0, "max_slices must be >= 0 (0 = every slice)")
+
+
 class AxialLevelFamily(PerStackFamily):
     """Per-slice level classification over axial stacks -> z and confidence per (side, level)."""
 
     name = "axial_level"
     view = "axial"
     series_type = AXIAL_T2
-    extra_keys = ("aug", "max_slices")
-    model_kwarg_keys = ("hidden", "attention", "heads", "dropout", "z_window", "tta_lr", "none_weight")
+    options_type: ClassVar[type[Options]] = AxialLevelOptions
+    input_options_type: ClassVar[type[ExtraOptions]] = AxialLevelInput
     length_axis = ("image", 0)  # stacks of different lengths share a batch: padded, masked (slice_mask)
 
     def _validate(self) -> None:
         super()._validate()
         _check_channels(self)
-        if int(self.spec.extra.get("max_slices", 0)) < 0:
-            raise SpecError(f"model {self.entry.name!r}: input.extra.max_slices must be >= 0 (0 = every slice)")
-        if self._kw("z_window", 2) < 0:
-            raise SpecError(f"model {self.entry.name!r}: model_kwargs.z_window must be >= 0")
 
     @property
     def kind(self) -> str:
@@ -90,18 +116,10 @@ class AxialLevelFamily(PerStackFamily):
     def build(self) -> "nn.Module":
         from .nets import SliceLevelNet
 
-        kw = self.entry.model_kwargs
+        o = self.options
         backbone = create_backbone(self.entry.arch, dims=2, in_chans=self.spec.n_slices, **self.entry.arch_kwargs)
-        return SliceLevelNet(
-            backbone,
-            self.spec.n_slices,
-            hidden=int(kw.get("hidden", 64)),
-            attention=bool(kw.get("attention", True)),
-            heads=int(kw.get("heads", 4)),
-            dropout=float(kw.get("dropout", 0.0)),
-            n_sides=2,
-            n_classes=N_CLASSES,
-        )
+        return SliceLevelNet(backbone, self.spec.n_slices, hidden=o.hidden, attention=o.attention, heads=o.heads,
+                             dropout=o.dropout, n_sides=2, n_classes=N_CLASSES)
 
     def example_batch(self, batch_size: int = 2) -> dict[str, "torch.Tensor"]:
         import torch
@@ -139,9 +157,9 @@ class AxialLevelFamily(PerStackFamily):
         if not tta:
             return out
         outs = [out]
-        for axis in self.tta_flips:  # canonical axis k is tensor dim k - 3
-            probs = self._probs(model, dict(batch, image=batch["image"].flip(axis - 3)))
-            outs.append(probs.flip(2) if axis == LATERAL_AXIS[self.view] else probs)  # a left/right mirror swaps the sides
+        for axes in self.tta_flips:  # canonical axis k is tensor dim k - 3
+            probs = self._probs(model, dict(batch, image=batch["image"].flip([a - 3 for a in axes])))
+            outs.append(probs.flip(2) if LATERAL_AXIS[self.view] in axes else probs)  # a left/right mirror swaps the sides
         return sum(outs) / len(outs)
 
     @staticmethod
@@ -164,12 +182,12 @@ class AxialLevelFamily(PerStackFamily):
         if not bool((cls >= 0).any()):
             return output.sum() * 0.0
         weight = torch.ones(N_CLASSES, device=output.device)
-        weight[NONE_CLASS] = self._kw("none_weight", 1.0)
+        weight[NONE_CLASS] = self.options.none_weight
         return F.cross_entropy(logits, cls, weight=weight, ignore_index=-1)
 
     # -- data ---------------------------------------------------------------------------
     def stack_sample(self, study_id: int, vol: "Volume", rng: np.random.Generator | None) -> Sample:
-        max_slices = int(self.spec.extra.get("max_slices", 0))
+        max_slices = self.input_options.max_slices
         n = vol.shape[0]
         idx = np.unique(sample_slice_indices(n, max_slices)) if 0 < max_slices < n else np.arange(n)
         prep = prepare_slices(vol, self.view, idx, self.spec.size, self.spec.norm, rng, self.aug)  # type: ignore[arg-type]
@@ -182,7 +200,7 @@ class AxialLevelFamily(PerStackFamily):
         probs = np.asarray(output, dtype=np.float64)[: len(src)]
         if sample.meta["transform"].lr_swapped:
             probs = probs[:, ::-1]
-        window = int(self._kw("z_window", 2))
+        window = self.options.z_window
         voxel = np.full((2 * N_LEVELS, 3), np.nan)
         conf = np.zeros(2 * N_LEVELS)
         centre = ((vol.shape[1] - 1) / 2.0, (vol.shape[2] - 1) / 2.0)
@@ -238,7 +256,6 @@ class AxialXYFamily(PointFamily):
     coord_axes = (1, 2)
     visibility = False
     needs_keypoints = True  # prepare reads the axial_level set: runs after it, in the main process
-    model_kwarg_keys = (*POINT_MODEL_KWARGS, "tta_lr")
     source_keys: ClassVar[tuple[str, ...]] = ("axial_level", truth_key("subarticular"))
 
     def _validate(self) -> None:
@@ -280,6 +297,8 @@ class AxialXYFamily(PointFamily):
         src = self.source_set(keypoints)
         if src is None:
             return []
+        if keypoints is not None and src is keypoints.get("axial_level"):
+            src = self.reconciled(study, keypoints, src)
         groups: dict[tuple[int, int, int], list[int]] = {}
         vols: dict[tuple[int, int], "Volume"] = {}
         for k in np.flatnonzero(src.valid):
@@ -305,6 +324,7 @@ class AxialXYFamily(PointFamily):
                 points=np.asarray(points, np.int64),
                 z=src.voxel[points, 0].astype(np.float64),
                 confidence=src.confidence[points].astype(np.float64),
+                origin=[str(src.origin[k]).split("+")[0] for k in points],
             )
             samples.append(Sample(study.study_id, {"image": prep.image}, meta))
         return samples
@@ -316,10 +336,32 @@ class AxialXYFamily(PointFamily):
         side_voxel = sample.meta["transform"].to_voxel(u)  # [2, 3]: (slice centre z, y, x) per side
         voxel = np.full((2 * N_LEVELS, 3), np.nan)
         conf = np.zeros(2 * N_LEVELS)
-        for k, z, c in zip(sample.meta["points"], sample.meta["z"], sample.meta["confidence"]):
+        origin = np.full(2 * N_LEVELS, "", dtype=object)
+        slice_from = sample.meta.get("origin") or ["axial_level"] * len(sample.meta["points"])
+        for k, z, c, o in zip(sample.meta["points"], sample.meta["z"], sample.meta["confidence"], slice_from):
             voxel[k] = (z, *side_voxel[k // N_LEVELS, 1:])
             conf[k] = c
-        return self.to_set("subarticular", voxel, conf, vol)
+            origin[k] = f"{o or 'axial_level'}+{self.name}"
+        out = self.to_set("subarticular", voxel, conf, vol)
+        return replace(out, origin=origin)
+
+    def reconciled(self, study: "Study", keypoints: StudyKeypoints, src: KeypointSet) -> KeypointSet:
+        """The level set with its weak and wrong-level points moved onto the sagittal canal's
+        projection (`rsna_infer.stage1.assemble`), so that this model refines them on the
+        right slice (their origin then reads ``projection+axial_xy``)."""
+        from .assemble import MIN_AXIAL_CONFIDENCE, canal_points, projection_set, reconcile_levels
+
+        canal = canal_points(study, keypoints)  # the sagittal merge finalize will make
+        if canal is None or not canal.valid.any():
+            return src
+        proj = projection_set(study, canal, sagittal_fallback=False)
+        weak = src.valid & (src.confidence < MIN_AXIAL_CONFIDENCE) & proj.valid
+        src = src.take_points(weak | (~src.valid & proj.valid), proj)
+        out, moved = reconcile_levels(study, src, canal, proj)
+        if moved:
+            logger.info("study %s: axial level points %s moved to the sagittal canal's level before the xy model",
+                        study.study_id, moved)
+        return out
 
     def targets(self, sample: Sample, study: "Study", truth: StudyKeypoints) -> dict[str, np.ndarray] | None:
         t = truth.get(truth_key("subarticular"))
@@ -333,17 +375,9 @@ class AxialXYFamily(PointFamily):
         return self.point_targets(world, valid, sample, self.find_volume(sample, study))
 
     def merge_sets(self, sets: list[KeypointSet], previous: KeypointSet | None = None) -> KeypointSet | None:
-        """The level set (``previous``) with the refined (x, y) of every decoded point."""
+        """The level set (``previous``) with the refined (x, y) of every decoded point (whose
+        origin becomes ``"axial_level+axial_xy"``)."""
         out = previous
         for s in sets:
-            if out is None:
-                out = s
-                continue
-            m = s.valid
-            out = out.with_points(m, world=s.world, voxel=s.voxel, series_id=s.series_id,
-                                  stack_index=s.stack_index, confidence=s.confidence)
-        if out is None:
-            return None
-        sources = [x for x in (out.source, "axial_xy") if x]
-        return replace(out, source="+".join(dict.fromkeys("+".join(sources).split("+"))))
-
+            out = s if out is None else out.take_points(s.valid, s)
+        return out

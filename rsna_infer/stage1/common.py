@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..backbones import create_backbone
+from ..backbones import create_backbone, create_feature_backbone
 from ..family import KeypointFamily, Sample
 from ..imaging import AP_AXIS, LATERAL_AXIS, AugSpec, prepare_volume, view_alignment
+from ..options import Options, option
 from ..specs import ModelEntry, SpecError
 from .keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
 
@@ -34,16 +36,41 @@ logger = logging.getLogger(__name__)
 #: (a localiser stack inside a sagittal series, say).
 MIN_VIEW_ALIGNMENT = 0.5
 
-#: model_kwargs every point family accepts.
-POINT_MODEL_KWARGS: dict[str, str] = {
-    "dropout": "dropout before the head (default 0)",
-    "confidence": "confidence of a fully visible point (family default)",
-    "coord_weight": "weight of the smooth-L1 coordinate loss (default 10)",
-    "vis_weight": "weight of the visibility BCE loss (default 1)",
-    "beta": "smooth-L1 beta in normalised units (default 0.02)",
-}
-
 LR_HALVES = np.r_[5:10, 0:5]  # left 5 <-> right 5
+POINT_HEADS: tuple[str, ...] = ("pool", "heatmap")
+
+
+@dataclass(frozen=True)
+class PointOptions(Options):
+    """``model_kwargs`` of every point-regression family."""
+
+    head: str = option("pool", "pool: pooled features -> linear; heatmap: feature pyramid -> per-point "
+                       "heatmap -> soft-argmax (sub-pixel, better for several points)", choices=POINT_HEADS)
+    heatmap_stride: int = option(4, "heatmap head: finest backbone stride used (the heatmap's cell size)")
+    heatmap_width: int = option(32, "heatmap head: channels of the feature pyramid")
+    spread_weight: float = option(1.0, "heatmap head: weight of the loss on each heatmap's spread (keeps them peaked)")
+    dropout: float = option(0.0, "dropout before the head")
+    confidence: float | None = option(None, "confidence of a fully visible point (None: the family's default)")
+    coord_weight: float = option(10.0, "weight of the smooth-L1 coordinate loss")
+    vis_weight: float = option(1.0, "weight of the visibility BCE loss")
+    beta: float = option(0.02, "smooth-L1 beta in normalised units")
+    tta_lr: bool = option(False, "flip TTA adds the left/right mirror and the combined A/P + L/R one")
+
+    def check(self) -> None:
+        self.need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
+        self.need(self.confidence is None or 0.0 < self.confidence <= 1.0,
+                  f"confidence must be in (0, 1], got {self.confidence}")
+        self.need(self.heatmap_stride >= 1 and self.heatmap_width >= 1, "heatmap_stride and heatmap_width must be >= 1")
+        for key in ("coord_weight", "vis_weight", "beta", "spread_weight"):
+            self.need(getattr(self, key) >= 0, f"{key} must be >= 0, got {getattr(self, key)}")
+
+
+def tta_flip_sets(view: str, lr: bool) -> list[tuple[int, ...]]:
+    """Canonical axes flipped in each extra TTA pass: the anterior/posterior mirror (never
+    changes laterality), and with ``lr`` the left/right mirror and both together, so that the
+    passes (with the identity) form a group and the mean is exactly flip-equivariant."""
+    ap, lat = AP_AXIS[view], LATERAL_AXIS[view]
+    return [(ap,), (lat,), (ap, lat)] if lr else [(ap,)]
 
 
 class Stage1Family(KeypointFamily):
@@ -52,8 +79,6 @@ class Stage1Family(KeypointFamily):
 
     view: ClassVar[str]  # "sagittal" | "axial"
     variants: ClassVar[tuple[str, ...]] = ("default",)
-    extra_keys: ClassVar[tuple[str, ...]] = ("aug",)
-    model_kwarg_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, entry: ModelEntry) -> None:
         super().__init__(entry)
@@ -64,26 +89,11 @@ class Stage1Family(KeypointFamily):
         e = self.entry
         if e.variant not in self.variants:
             raise SpecError(f"model {e.name!r}: {self.name} variant must be one of {self.variants}, got {e.variant!r}")
-        unknown = set(e.model_kwargs) - set(self.model_kwarg_keys)
-        if unknown:
-            raise SpecError(f"model {e.name!r}: unknown model_kwargs {sorted(unknown)}; "
-                            f"{self.name} accepts {sorted(self.model_kwarg_keys)}")
-        unknown = set(self.spec.extra) - set(self.extra_keys)
-        if unknown:
-            raise SpecError(f"model {e.name!r}: unknown input.extra {sorted(unknown)}; "
-                            f"{self.name} accepts {sorted(self.extra_keys)}")
-
-    def _kw(self, key: str, default: float) -> float:
-        return float(self.entry.model_kwargs.get(key, default))
 
     @property
-    def tta_flips(self) -> list[int]:
-        """Canonical axes flipped for TTA: anterior/posterior (never changes laterality), plus the
-        left/right mirror when ``model_kwargs.tta_lr`` (accepted only where outputs swap sides)."""
-        flips = [AP_AXIS[self.view]]
-        if self.entry.model_kwargs.get("tta_lr", False):
-            flips.append(LATERAL_AXIS[self.view])
-        return flips
+    def tta_flips(self) -> list[tuple[int, ...]]:
+        """Canonical axes flipped in each extra TTA pass (`tta_flip_sets`; L/R with ``tta_lr``)."""
+        return tta_flip_sets(self.view, bool(getattr(self.options, "tta_lr", False)))
 
     def merge_sets(self, sets: list[KeypointSet], previous: KeypointSet | None = None) -> KeypointSet | None:
         """One set from the decoded sets of a study's samples (one per stack): per point the most
@@ -174,7 +184,7 @@ class PointFamily(Stage1Family):
     coord_axes: ClassVar[tuple[int, ...]]  # canonical axes (0=z, 1=y, 2=x) the head predicts
     visibility: ClassVar[bool] = True
     default_confidence: ClassVar[float] = 0.9
-    model_kwarg_keys: ClassVar[tuple[str, ...]] = tuple(POINT_MODEL_KWARGS)
+    options_type: ClassVar[type[Options]] = PointOptions
 
     # -- configuration ------------------------------------------------------------------
     def _validate(self) -> None:
@@ -183,9 +193,6 @@ class PointFamily(Stage1Family):
         if len(self.spec.size) != self.dims:
             shape = "(H, W)" if self.dims == 2 else "(D, H, W)"
             raise SpecError(f"model {e.name!r}: {self.name} needs input.size {shape}, got {list(self.spec.size)}")
-        conf = float(e.model_kwargs.get("confidence", self.default_confidence))
-        if not 0.0 < conf <= 1.0:
-            raise SpecError(f"model {e.name!r}: model_kwargs.confidence must be in (0, 1], got {conf}")
 
     @property
     @abstractmethod
@@ -204,14 +211,23 @@ class PointFamily(Stage1Family):
 
     @property
     def confidence(self) -> float:
-        return float(self.entry.model_kwargs.get("confidence", self.default_confidence))
+        """Confidence of a fully visible point: ``model_kwargs.confidence`` or the family default."""
+        c = self.options.confidence
+        return float(self.default_confidence if c is None else c)
 
     # -- network ------------------------------------------------------------------------
     def build(self) -> "nn.Module":
-        from .nets import PointRegressor
+        from .nets import HeatmapPointRegressor, PointRegressor
 
-        backbone = create_backbone(self.entry.arch, dims=self.dims, in_chans=self.spec.in_chans, **self.entry.arch_kwargs)
-        return PointRegressor(backbone, self.n_points, len(self.coord_axes), self.visibility, self._kw("dropout", 0.0))
+        o, e = self.options, self.entry
+        if o.head == "heatmap":
+            if len(self.coord_axes) != self.dims:
+                raise SpecError(f"model {e.name!r}: the heatmap head needs every input axis predicted")
+            backbone = create_feature_backbone(e.arch, dims=self.dims, in_chans=self.spec.in_chans,
+                                               min_stride=o.heatmap_stride, **e.arch_kwargs)
+            return HeatmapPointRegressor(backbone, self.n_points, self.dims, self.visibility, o.heatmap_width, o.dropout)
+        backbone = create_backbone(e.arch, dims=self.dims, in_chans=self.spec.in_chans, **e.arch_kwargs)
+        return PointRegressor(backbone, self.n_points, len(self.coord_axes), self.visibility, o.dropout)
 
     def example_batch(self, batch_size: int = 2) -> dict[str, "torch.Tensor"]:
         import torch
@@ -224,9 +240,12 @@ class PointFamily(Stage1Family):
         if not tta:
             return out
         outs = [out]
-        for axis in self.tta_flips:
-            flipped = dict(batch, image=batch["image"].flip(axis - 3))  # canonical axis k is tensor dim k - 3
-            outs.append(self.unflip(self._forward(model, flipped), axis))
+        for axes in self.tta_flips:
+            flipped = dict(batch, image=batch["image"].flip([a - 3 for a in axes]))  # canonical axis k is tensor dim k - 3
+            o = self._forward(model, flipped)
+            for axis in axes:
+                o = self.unflip(o, axis)
+            outs.append(o)
         return sum(outs) / len(outs)
 
     def _forward(self, model: "nn.Module", batch: dict[str, "torch.Tensor"]) -> "torch.Tensor":
@@ -250,19 +269,24 @@ class PointFamily(Stage1Family):
 
     # -- training -------------------------------------------------------------------------
     def loss(self, output: "torch.Tensor", targets: dict[str, "torch.Tensor"]) -> "torch.Tensor":
-        """Smooth-L1 on the available coordinates + BCE on visibility (where the truth is known)."""
+        """Smooth-L1 on the available coordinates + BCE on visibility (where the truth is known)
+        + the heatmap head's spread (its training output's last columns) on labelled points."""
         import torch.nn.functional as F
 
         a = len(self.coord_axes)
         out = output.float()
         m = targets["coord_mask"].float()
-        beta = self._kw("beta", 0.02)
-        per_point = F.smooth_l1_loss(out[..., :a], targets["coords"].float(), beta=beta, reduction="none").sum(-1)
-        loss = self._kw("coord_weight", 10.0) * (per_point * m).sum() / (m.sum() * a).clamp(min=1.0)
+        o = self.options
+        per_point = F.smooth_l1_loss(out[..., :a], targets["coords"].float(), beta=o.beta, reduction="none").sum(-1)
+        loss = o.coord_weight * (per_point * m).sum() / (m.sum() * a).clamp(min=1.0)
         if self.visibility:
             vm = targets["vis_mask"].float()
             bce = F.binary_cross_entropy_with_logits(out[..., a], targets["vis"].float(), reduction="none")
-            loss = loss + self._kw("vis_weight", 1.0) * (bce * vm).sum() / vm.sum().clamp(min=1.0)
+            loss = loss + o.vis_weight * (bce * vm).sum() / vm.sum().clamp(min=1.0)
+        n_spread = out.shape[-1] - a - int(self.visibility)
+        if n_spread == a and o.spread_weight > 0:
+            spread = out[..., -a:].sum(-1)
+            loss = loss + o.spread_weight * (spread * m).sum() / (m.sum() * a).clamp(min=1.0)
         return loss
 
     # -- helpers for decode / targets ---------------------------------------------------
@@ -309,7 +333,6 @@ class VolumePointFamily(PerStackFamily, PointFamily):
     coord_axes = (0, 1, 2)
     series_types: ClassVar[dict[str, str]]  # variant -> series type
     kinds: ClassVar[dict[str, str]]  # variant -> keypoint kind
-    model_kwarg_keys = (*POINT_MODEL_KWARGS, "tta_lr")
 
     @property
     def kind(self) -> str:

@@ -38,6 +38,67 @@ class PointRegressor(nn.Module):
         return out.view(out.shape[0], self.n_points, self.n_out)
 
 
+class HeatmapPointRegressor(nn.Module):
+    """Backbone feature maps -> one heatmap per point -> soft-argmax -> ``[B, n_points, dims (+1)]``.
+
+    The maps at every stride the backbone returns (``create_feature_backbone``) are projected
+    to ``width`` channels, upsampled to the finest one and summed (a light feature pyramid:
+    the deep maps see the whole spine, the fine one resolves the point), then a 3x3 (x3)
+    convolution and a 1x1 one give a heatmap per point. The coordinate on each heatmap axis is
+    the softmax-weighted mean of the cell centres ``(j + 0.5) / n``, i.e. normalised like every
+    point family's ``u`` (sub-cell precision, exactly mirror-equivariant). The visibility logit
+    comes from the globally pooled deepest map. A zero-initialised last layer starts every point
+    at the input's centre. In training mode the output also carries each heatmap's standard
+    deviation per axis beyond one cell (normalised units) after the visibility: the loss keeps
+    the heatmaps peaked, since the mean of a broad one is pulled toward the map's centre (as in
+    DSNT), but not sharper than about a cell, which would round the mean to cell centres on a
+    coarse axis (the depth of a 3-D map).
+    """
+
+    def __init__(self, backbone: nn.Module, n_points: int, dims: int, visibility: bool, width: int = 32,
+                 dropout: float = 0.0) -> None:
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims}")
+        conv = nn.Conv2d if dims == 2 else nn.Conv3d
+        self.backbone, self.dims = backbone, dims
+        self.n_points, self.n_coords, self.visibility = int(n_points), dims, bool(visibility)
+        chans = list(backbone.feature_info.channels())
+        self.lateral = nn.ModuleList(conv(c, width, 1) for c in chans)
+        self.mix = nn.Sequential(conv(width, width, 3, padding=1), nn.GELU(), nn.Dropout(float(dropout)))
+        self.heat = conv(width, self.n_points, 1)
+        nn.init.zeros_(self.heat.weight)
+        nn.init.zeros_(self.heat.bias)
+        self.vis = nn.Linear(chans[-1], self.n_points) if self.visibility else None
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        feats = self.backbone(batch["image"])
+        size = feats[0].shape[2:]
+        mode = "bilinear" if self.dims == 2 else "trilinear"
+        x = self.lateral[0](feats[0])
+        for lat, f in zip(self.lateral[1:], feats[1:]):
+            x = x + nn.functional.interpolate(lat(f), size=size, mode=mode, align_corners=False)
+        heat = self.heat(self.mix(x)).flatten(2).float()  # [B, P, cells]
+        prob = torch.softmax(heat, dim=-1).view(heat.shape[0], self.n_points, *size)
+        coords, spread = [], []
+        for axis, n in enumerate(size):  # marginal along each axis -> expected cell centre
+            other = tuple(d for d in range(2, 2 + self.dims) if d != 2 + axis)
+            marginal = prob.sum(dim=other)  # [B, P, n]
+            centres = (torch.arange(n, device=heat.device, dtype=heat.dtype) + 0.5) / n
+            mean = (marginal * centres).sum(-1)
+            coords.append(mean)
+            if self.training:  # spread beyond one cell (a peak between two cells is fine: sub-cell precision)
+                var = (marginal * (centres - mean[..., None]) ** 2).sum(-1)
+                spread.append(torch.relu(torch.sqrt(var + 1e-8) - 1.0 / n))
+        out = torch.stack(coords, dim=-1)
+        if self.vis is not None:
+            pooled = feats[-1].flatten(2).mean(-1)
+            out = torch.cat([out, self.vis(pooled).float()[..., None]], dim=-1)
+        if spread:
+            out = torch.cat([out, torch.stack(spread, dim=-1)], dim=-1)
+        return out
+
+
 def neighbour_channels(image: torch.Tensor, lengths: torch.Tensor, n_channels: int) -> torch.Tensor:
     """``[B, S, H, W]`` stacks -> ``[B, S, C, H, W]``: each slice with its ``C // 2`` neighbours on
     each side as channels, repeating the first/last *real* slice of each stack at its ends."""

@@ -9,8 +9,12 @@ mirror, drawn per sample:
 - ``scale``: the crop side is multiplied by ``1 + U(-scale, scale)``;
 - ``intensity``: gamma/contrast/brightness on the [0, 1] crop (`imaging.augment_intensity`);
 - ``ap_flip``: probability of mirroring the whole sample anterior/posterior (sagittal hflip,
-  axial vflip), which changes no label. A left/right mirror would swap labels, so it is left
-  to TTA (`rsna_infer.stage2.tta`), never done here.
+  axial vflip), which changes no label;
+- ``lr_flip``: probability of mirroring it left/right (axial hflip, sagittal slice order
+  reversed, left/right slots swapped, exactly as the ``lr`` TTA pass): the sample then shows
+  the mirrored patient, so its mask and labels swap left and right
+  (`GradingFamily.sample_labels`). A model trained this way grades a mirrored study as the
+  mirror of the original.
 """
 
 from __future__ import annotations
@@ -36,14 +40,15 @@ class CropAugment:
     scale: float = 0.1
     intensity: float = 0.1
     ap_flip: float = 0.5
+    lr_flip: float = 0.5
 
     def __post_init__(self) -> None:
         for f in fields(self):
             v = float(getattr(self, f.name))
             if not np.isfinite(v) or v < 0:
                 raise SpecError(f"input.extra.aug.{f.name} must be finite and >= 0, got {v}")
-        if self.scale >= 0.5 or self.intensity >= 1.0 or self.ap_flip > 1.0:
-            raise SpecError(f"input.extra.aug: need scale < 0.5, intensity < 1 and ap_flip <= 1, got {self}")
+        if self.scale >= 0.5 or self.intensity >= 1.0 or self.ap_flip > 1.0 or self.lr_flip > 1.0:
+            raise SpecError(f"input.extra.aug: need scale < 0.5, intensity < 1 and ap_flip, lr_flip <= 1, got {self}")
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> CropAugment:
@@ -79,3 +84,6 @@ class CropAugment:
 
     def mirror_ap(self, rng: np.random.Generator) -> bool:
         return self.ap_flip > 0 and bool(rng.random() < self.ap_flip)
+
+    def mirror_lr(self, rng: np.random.Generator) -> bool:
+        return self.lr_flip > 0 and bool(rng.random() < self.lr_flip)

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import logging
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from ..family import GradingFamily, Sample
 from ..imaging import volume_bounds
+from ..options import Options, option
 from ..specs import ModelEntry, SpecError
 from ..stage1.keypoints import POINT_KINDS
 from .augment import CropAugment
 from .crops import CropInfo, Located, crop_2d5
-from .tta import ViewAxes, mirror_sample_ap, run_tta
+from .layout import swap_lr_labels
+from .tta import ViewAxes, mirror_sample, run_tta
 
 if TYPE_CHECKING:
     import torch
@@ -27,27 +30,16 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: model_kwargs every grading family accepts (with defaults).
-COMMON_KWARGS: dict[str, Any] = {
-    "prefer": None,  # {kind: [set keys]}: keypoint preference per kind (family defaults)
-    "tta_lr": False,  # add the left/right mirror (axial hflip) to flip TTA
-    "dropout": 0.0,
-}
-#: input.extra keys every grading family accepts (with defaults).
-COMMON_EXTRA: dict[str, Any] = {
-    "aug": None,  # CropAugment fields (training only)
-}
+@dataclass(frozen=True)
+class GradingOptions(Options):
+    """``model_kwargs`` every grading family accepts."""
 
+    prefer: dict | None = option(None, "{kind: [set keys]}: keypoint preference per kind (family defaults)")
+    tta_lr: bool = option(False, "flip TTA adds the left/right mirror and the combined one (outputs swapped back)")
+    dropout: float = option(0.0, "dropout before the heads")
 
-def positive_number(v: Any, what: str) -> float:
-    """``float(v)``, failing fast with ``what`` in the message unless finite and > 0."""
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        raise SpecError(f"{what} must be a positive number, got {v!r}") from None
-    if not np.isfinite(f) or f <= 0:
-        raise SpecError(f"{what} must be a positive number, got {v!r}")
-    return f
+    def check(self) -> None:
+        self.need(0.0 <= self.dropout < 1.0, f"dropout must be in [0, 1), got {self.dropout}")
 
 
 class CropContext:
@@ -69,6 +61,7 @@ class CropContext:
         n_slices: int,
         out_size: tuple[int, int],
         crop_mm: float,
+        slice_positions: np.ndarray | None = None,
     ) -> tuple[np.ndarray, CropInfo]:
         unit_fn = None
         if self.rng is not None:
@@ -76,50 +69,39 @@ class CropContext:
             crop_mm = crop_mm * self.augment.crop_scale(self.rng)
             unit_fn = self.augment.intensity_fn(self.rng)
         return crop_2d5(
-            volume, zyx, n_slices, out_size, crop_mm=crop_mm, norm=self.norm, bounds=self.bounds(volume), unit_transform=unit_fn
+            volume, zyx, n_slices, out_size, crop_mm=crop_mm, norm=self.norm, bounds=self.bounds(volume), unit_transform=unit_fn,
+            slice_positions=slice_positions,
         )
 
-    def crop_located(self, loc: Located, n_slices: int, out_size: tuple[int, int], crop_mm: float) -> tuple[np.ndarray, CropInfo]:
-        return self.crop(loc.volume, loc.zyx, n_slices, out_size, crop_mm)
+    def crop_located(self, loc: Located, n_slices: int, out_size: tuple[int, int], crop_mm: float,
+                     slice_positions: np.ndarray | None = None) -> tuple[np.ndarray, CropInfo]:
+        return self.crop(loc.volume, loc.zyx, n_slices, out_size, crop_mm, slice_positions)
 
 
 class GradingBase(GradingFamily):
     """Validated options of a stage-2 family; subclasses declare what they accept.
 
-    Subclasses set ``VARIANTS``, ``MODEL_KWARGS`` (their own keys with defaults), ``EXTRA``
-    (``spec.extra`` keys with defaults) and ``DEFAULT_PREFER`` ({kind: set keys}), and
-    implement ``view_axes`` (flip behaviour of each batch entry) and ``input_shapes``.
+    Subclasses set ``VARIANTS``, ``options_type`` / ``input_options_type`` (dataclasses derived
+    from `GradingOptions` / `ExtraOptions`, see `rsna_infer.options`) and ``DEFAULT_PREFER``
+    ({kind: set keys}), and implement ``view_axes`` (flip behaviour of each batch entry) and
+    ``input_shapes``.
     """
 
     VARIANTS: ClassVar[tuple[str, ...]]
-    MODEL_KWARGS: ClassVar[dict[str, Any]]
-    EXTRA: ClassVar[dict[str, Any]]
     DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]]
+    options_type: ClassVar[type[Options]] = GradingOptions
 
     def __init__(self, entry: ModelEntry) -> None:
         super().__init__(entry)
         where = f"model {entry.name!r} ({self.name})"
         if entry.variant not in self.VARIANTS:
             raise SpecError(f"{where}: unknown variant {entry.variant!r}; expected one of {self.VARIANTS}")
-        allowed = {**COMMON_KWARGS, **self.MODEL_KWARGS}
-        unknown = set(entry.model_kwargs) - set(allowed)
-        if unknown:
-            raise SpecError(f"{where}: unknown model_kwargs {sorted(unknown)}; allowed {sorted(allowed)}")
-        self.kwargs: dict[str, Any] = {**allowed, **entry.model_kwargs}
-        extra = {**COMMON_EXTRA, **self.EXTRA}
-        unknown = set(self.spec.extra) - set(extra)
-        if unknown:
-            raise SpecError(f"{where}: unknown input.extra key(s) {sorted(unknown)}; allowed {sorted(extra)}")
-        self.extra: dict[str, Any] = {**extra, **self.spec.extra}
         try:
-            self.augment = CropAugment.from_extra(self.extra)
+            self.augment = CropAugment.from_extra(self.spec.extra)
         except SpecError as e:
             raise SpecError(f"{where}: {e}") from None
         self.prefer = self._resolve_prefer(where)
-        self.tta_lr = bool(self.kwargs["tta_lr"])
-        dropout = float(self.kwargs["dropout"])
-        if not 0.0 <= dropout < 1.0:
-            raise SpecError(f"{where}: model_kwargs.dropout must be in [0, 1), got {dropout}")
+        self.tta_lr = bool(self.options.tta_lr)
         size = self.spec.size
         if len(size) == 3 and size[0] != self.spec.n_slices:
             raise SpecError(f"{where}: input.size {list(size)} is (D, H, W) but D != n_slices {self.spec.n_slices}")
@@ -127,7 +109,7 @@ class GradingBase(GradingFamily):
         self.where = where
 
     def _resolve_prefer(self, where: str) -> dict[str, tuple[str, ...]]:
-        given = self.kwargs["prefer"] or {}
+        given = self.options.prefer or {}
         if not isinstance(given, dict):
             raise SpecError(f"{where}: model_kwargs.prefer must map a keypoint kind to a list of set keys")
         bad = set(given) - set(POINT_KINDS)
@@ -166,11 +148,17 @@ class GradingBase(GradingFamily):
         return {k: np.zeros(s, dtype=np.float32) for k, s in self.input_shapes().items()}
 
     def finish(self, study_id: int, inputs: dict[str, np.ndarray], mask: np.ndarray, meta: dict[str, Any], rng: np.random.Generator | None) -> Sample:
-        """The sample, mirrored anterior/posterior at random when training (``meta["ap_mirrored"]``)."""
-        mirrored = rng is not None and self.augment.mirror_ap(rng)
-        if mirrored:
-            inputs = mirror_sample_ap(inputs, self.view_axes())
-        meta = {"family": self.name, "variant": self.entry.variant, "model": self.entry.name, **meta, "ap_mirrored": mirrored}
+        """The sample; when training, mirrored anterior/posterior (``meta["ap_mirrored"]``) and
+        left/right (``meta["lr_mirrored"]``: inputs, mask and, through `sample_labels`, the
+        labels of the left and right conditions swapped) at random."""
+        ap = rng is not None and self.augment.mirror_ap(rng)
+        lr = rng is not None and self.augment.mirror_lr(rng)
+        if ap or lr:
+            inputs = mirror_sample(inputs, self.view_axes(), ap=ap, lr=lr)
+        if lr:
+            mask = swap_lr_labels(mask)
+        meta = {"family": self.name, "variant": self.entry.variant, "model": self.entry.name, **meta,
+                "ap_mirrored": ap, "lr_mirrored": lr}
         return Sample(int(study_id), inputs, meta, mask)
 
     def single_sample(

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..geometry import plane_of
-from ..imaging import Orientation, orient, resize_slices, standardise, to_unit
+from ..imaging import Orientation, interpolate_slices, orient, resize_slices, standardise, to_unit
 
 if TYPE_CHECKING:
     from ..io.volume import Study, Volume
@@ -116,6 +116,7 @@ def crop_2d5(
     norm: NormSpec | None = None,
     bounds: tuple[float, float] | None = None,
     unit_transform: Callable[[np.ndarray], np.ndarray] | None = None,
+    slice_positions: np.ndarray | None = None,
 ) -> tuple[np.ndarray, CropInfo]:
     """Crop ``[n_slices, *out_size]`` around source voxel ``center_zyx`` of ``volume``.
 
@@ -123,8 +124,10 @@ def crop_2d5(
     and ``size_px`` (pixels, or ``(rows, cols)`` of the output). With ``norm`` the crop is
     normalised with ``bounds`` (computed from the whole volume when None: pass the cached
     per-volume bounds when cropping one volume many times); ``unit_transform`` (e.g. intensity
-    augmentation) then runs on the [0, 1] crop before standardisation. See the module
-    docstring for border handling and orientation.
+    augmentation) then runs on the [0, 1] crop before standardisation. ``slice_positions``
+    (``n_slices`` canonical, possibly fractional positions, linearly interpolated) replaces the
+    consecutive slices around ``z``: a window of slices when the point's own slice is unknown.
+    See the module docstring for border handling and orientation.
     """
     if (crop_mm is None) == (size_px is None):
         raise ValueError("give exactly one of crop_mm and size_px")
@@ -153,7 +156,19 @@ def crop_2d5(
     if norm is not None and bounds is None:
         bounds = norm.bounds(volume)
     pad = float(bounds[0]) if norm is not None else 0.0  # type: ignore[index]
-    arr, padded = _take(canon, (z0, y0, x0), (n_slices, n_rows, n_cols), pad)
+    if slice_positions is not None:
+        pos = np.clip(np.asarray(slice_positions, dtype=np.float64).reshape(-1), 0.0, n_z - 1.0)
+        if len(pos) != n_slices:
+            raise ValueError(f"slice_positions has {len(pos)} entries, need n_slices = {n_slices}")
+        window, padded = _take(canon, (0, y0, x0), (n_z, n_rows, n_cols), pad)
+        arr = interpolate_slices(window, pos)
+        z0, z_shift = 0, False
+        canon_idx = np.rint(pos).astype(np.int64)
+        centre_z = float(np.interp(c[0], pos, np.arange(n_slices))) if np.all(np.diff(pos) > 0) else float(n_slices // 2)
+    else:
+        arr, padded = _take(canon, (z0, y0, x0), (n_slices, n_rows, n_cols), pad)
+        canon_idx = np.arange(z0, z0 + n_slices)
+        centre_z = float(c[0] - z0)
     if norm is not None:
         unit = to_unit(arr, bounds)  # type: ignore[arg-type]
         if unit_transform is not None:
@@ -162,14 +177,13 @@ def crop_2d5(
     np.nan_to_num(arr, copy=False, nan=0.0, posinf=0.0, neginf=0.0)
     out = resize_slices(arr, (out_h, out_w))
 
-    canon_idx = np.arange(z0, z0 + n_slices)
     src_idx = np.rint(orientation.to_source(np.stack([canon_idx, np.zeros(n_slices), np.zeros(n_slices)], -1))[:, 0])
     slices = np.where((canon_idx >= 0) & (canon_idx < n_z), src_idx, -1).astype(np.int64)
     info = CropInfo(
         slices=tuple(int(s) for s in slices),
         box=(y0, x0, n_rows, n_cols),
         center=(
-            float(c[0] - z0),
+            centre_z,
             float((c[1] - y0 + 0.5) * out_h / n_rows - 0.5),
             float((c[2] - x0 + 0.5) * out_w / n_cols - 0.5),
         ),

@@ -32,6 +32,7 @@ axial crop.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -41,14 +42,17 @@ from torch import nn
 from ..backbones import create_backbone
 from ..constants import AXIAL_T2, LEVEL_TO_COORD_LEVEL, LEVELS, LR_SWAP, N_CLASSES, N_CONDITIONS, N_LEVELS, SAG_T1, SAG_T2
 from ..family import Sample
-from ..specs import SpecError
-from .base import GradingBase, positive_number
+from ..options import ExtraOptions, Options, option
+from ..stage1.assemble import DEFAULT_PREFER
+from ..stage1.keypoints import RULE_SLICE_SETS, slice_source
+from ..stage1.sag2d import sample_positions
+from .base import GradingBase, GradingOptions
 from .crops import Located, locate_point
 from .layers import ConditionGate, SliceSequenceEncoder
 from .tta import ViewAxes
 
 if TYPE_CHECKING:
-    from ..io.volume import Study
+    from ..io.volume import Study, Volume
     from ..stage1.keypoints import KeypointSet, StudyKeypoints
 
 logger = logging.getLogger(__name__)
@@ -57,6 +61,38 @@ logger = logging.getLogger(__name__)
 #: (``input.extra.axial_crop_mm``, wide enough for both subarticular zones and the canal).
 DEFAULT_SAG_CROP_MM = 48.0
 DEFAULT_AXIAL_CROP_MM = 64.0
+
+
+@dataclass(frozen=True)
+class FusionOptions(GradingOptions):
+    emb_dim: int = option(128, "sagittal embedding width per condition")
+    gru_hidden: int = option(64, "axial slice-GRU width")
+    axial_arch: str | None = option(None, "axial encoder backbone (None: the entry's arch)")
+
+    def check(self) -> None:
+        super().check()
+        self.need(self.emb_dim >= 1 and self.gru_hidden >= 1, "emb_dim and gru_hidden must be >= 1")
+
+
+@dataclass(frozen=True)
+class FusionInput(ExtraOptions):
+    axial_crop_mm: float = option(DEFAULT_AXIAL_CROP_MM, "side (mm) of the axial crops")
+    axial_size: list | None = option(None, "[H, W] of the axial crops (None: input.size)")
+    axial_slices: int | None = option(None, "slices per axial crop (None: input.n_slices)")
+    sag_windows: bool = option(True, "sagittal points whose slice is a rule (sag-2d): crop the write-up's window of "
+                               "slices (T2: around the middle; T1: each side's half of the stack) instead of one slice")
+    window_samples: int = option(10, "even samples per sagittal stack that the windows take their slices from")
+    window_prob: float = option(0.2, "training: chance that a sample's sagittal crops use the windows anyway, so "
+                                "that the model knows both kinds of crop")
+
+    def check(self) -> None:
+        self.need(np.isfinite(self.axial_crop_mm) and self.axial_crop_mm > 0, f"axial_crop_mm must be > 0, got {self.axial_crop_mm}")
+        self.need(self.axial_size is None or (len(self.axial_size) == 2 and all(
+            isinstance(v, int) and v >= 1 for v in self.axial_size)),
+            f"axial_size must be [H, W] of positive ints, got {self.axial_size}")
+        self.need(self.axial_slices is None or self.axial_slices >= 1, f"axial_slices must be >= 1, got {self.axial_slices}")
+        self.need(self.window_samples >= 1, f"window_samples must be >= 1, got {self.window_samples}")
+        self.need(0.0 <= self.window_prob <= 1.0, f"window_prob must be in [0, 1], got {self.window_prob}")
 
 
 class FusionFamily(GradingBase):
@@ -72,29 +108,19 @@ class FusionFamily(GradingBase):
 
     name = "fusion"
     VARIANTS: ClassVar[tuple[str, ...]] = ("default",)
-    MODEL_KWARGS: ClassVar[dict[str, Any]] = {"emb_dim": 128, "gru_hidden": 64, "axial_arch": None}
-    EXTRA: ClassVar[dict[str, Any]] = {"axial_crop_mm": DEFAULT_AXIAL_CROP_MM, "axial_size": None, "axial_slices": None}
-    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = {
-        "spinal": ("sag2d_t2", "sag3d_t2"),
-        "foraminal": ("sag2d_t1", "sag3d_t1"),
-        "subarticular": ("axial3d", "axial_level", "projection"),
-    }
+    options_type: ClassVar[type[Options]] = FusionOptions
+    input_options_type: ClassVar[type[ExtraOptions]] = FusionInput
+    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = dict(DEFAULT_PREFER)
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
         self._require_chans(self.spec.n_slices, "the sagittal encoder reads the slices as channels")
         self.sag_crop_mm = float(self.spec.crop_mm or DEFAULT_SAG_CROP_MM)
-        self.axial_crop_mm = positive_number(self.extra["axial_crop_mm"], f"{self.where}: input.extra.axial_crop_mm")
-        ax_size = self.extra["axial_size"] or self.out_size
-        if len(ax_size) != 2 or min(int(s) for s in ax_size) < 1:
-            raise SpecError(f"{self.where}: input.extra.axial_size must be [H, W] of positive ints, got {ax_size}")
+        x = self.input_options
+        self.axial_crop_mm = float(x.axial_crop_mm)
+        ax_size = x.axial_size or self.out_size
         self.axial_size = (int(ax_size[0]), int(ax_size[1]))
-        self.axial_slices = int(self.extra["axial_slices"] or self.spec.n_slices)
-        if self.axial_slices < 1:
-            raise SpecError(f"{self.where}: input.extra.axial_slices must be >= 1, got {self.axial_slices}")
-        for key in ("emb_dim", "gru_hidden"):
-            if int(self.kwargs[key]) < 1:
-                raise SpecError(f"{self.where}: model_kwargs.{key} must be >= 1, got {self.kwargs[key]}")
+        self.axial_slices = int(x.axial_slices or self.spec.n_slices)
 
     # -- shapes and flips ----------------------------------------------------------------
     def input_shapes(self) -> dict[str, tuple[int, ...]]:
@@ -118,11 +144,11 @@ class FusionFamily(GradingBase):
     def build(self) -> nn.Module:
         return FusionNet(
             arch=self.entry.arch,
-            axial_arch=self.kwargs["axial_arch"] or self.entry.arch,
+            axial_arch=self.options.axial_arch or self.entry.arch,
             n_slices=self.spec.n_slices,
-            emb_dim=int(self.kwargs["emb_dim"]),
-            gru_hidden=int(self.kwargs["gru_hidden"]),
-            dropout=float(self.kwargs["dropout"]),
+            emb_dim=self.options.emb_dim,
+            gru_hidden=self.options.gru_hidden,
+            dropout=self.options.dropout,
             arch_kwargs=self.entry.arch_kwargs,
         )
 
@@ -141,15 +167,22 @@ class FusionFamily(GradingBase):
         crops_meta: dict[str, list[Any]] = {"sag": [[None] * N_LEVELS for _ in range(N_CONDITIONS)], "axial": [None] * N_LEVELS}
         missing: list[str] = []
 
+        windows = rng is not None and self.input_options.window_prob > 0 and bool(rng.random() < self.input_options.window_prob)
         for lv in range(N_LEVELS):
             slots: list[Located | None] = [locate_point(study, SAG_T2, spinal, lv)]
             slots += [locate_point(study, SAG_T1, foraminal, side * N_LEVELS + lv) for side in (0, 1)]
-            for side in (0, 1):  # paramedian T2 slices through the subarticular point, else the canal
-                slots.append(locate_point(study, SAG_T2, subart, side * N_LEVELS + lv) or slots[0])
+            # a window of slices where the slice is a rule (sag-2d), or at random in training
+            use_window = [windows or self._rule_slice(spinal, lv)]
+            use_window += [windows or self._rule_slice(foraminal, side * N_LEVELS + lv) for side in (0, 1)]
+            for side in (0, 1):  # paramedian T2 slices through the subarticular point, else the canal's
+                sub = locate_point(study, SAG_T2, subart, side * N_LEVELS + lv)
+                slots.append(sub or slots[0])
+                use_window.append(sub is None and use_window[0])
             for c, loc in enumerate(slots):
                 if loc is None:
                     continue
-                arr, info = ctx.crop_located(loc, self.spec.n_slices, self.out_size, self.sag_crop_mm)
+                window = self.slice_window(loc.volume, c) if use_window[c] else None
+                arr, info = ctx.crop_located(loc, self.spec.n_slices, self.out_size, self.sag_crop_mm, window)
                 inputs["sag"][c, lv] = arr
                 inputs["sag_present"][c, lv] = 1.0
                 crops_meta["sag"][c][lv] = info
@@ -171,6 +204,25 @@ class FusionFamily(GradingBase):
         mask[3:5] = inputs["axial_present"][None, :] > 0
         nothing = f"fusion model {self.entry.name} has no view to grade (no keypoints/series)"
         return self.single_sample(study.study_id, inputs, mask, crops_meta, missing, rng, "fusion", nothing)
+
+    def _rule_slice(self, points: KeypointSet | None, index: int) -> bool:
+        """Whether the point's slice is a rule (`RULE_SLICE_SETS`) and slice windows are on."""
+        if points is None or not self.input_options.sag_windows or not bool(points.valid[index]):
+            return False
+        return slice_source(points.origin[index]) in RULE_SLICE_SETS
+
+    def slice_window(self, volume: "Volume", slot: int) -> np.ndarray | None:
+        """Canonical slice positions of the write-up's sagittal window for condition ``slot``
+        (0 spinal, 1/2 left/right foraminal, 3/4 left/right subarticular): ``window_samples``
+        even samples over the stack; T2 slots take the ``n_slices`` around the middle, the left
+        (right) foraminal slot the last (first) ``n_slices`` of them: canonical sagittal slices
+        run toward patient left."""
+        n_total, k = volume.shape[0], self.spec.n_slices
+        samples = self.input_options.window_samples
+        if slot in (1, 2):
+            pos = sample_positions(n_total, samples, samples)
+            return pos[-k:] if slot == 1 else pos[:k]
+        return sample_positions(n_total, samples, k)
 
     def _axial_centre(
         self, study: Study, subart: KeypointSet | None, spinal: KeypointSet | None, level: int

@@ -74,3 +74,9 @@ def swap_lr(logits: torch.Tensor) -> torch.Tensor:
     import torch
 
     return logits.index_select(1, torch.as_tensor(LR_SWAP, device=logits.device))
+
+
+def swap_lr_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels (or masks) ``[5, 5, ...]`` of a study mirrored left/right: left and right
+    conditions swapped (`LR_SWAP`)."""
+    return np.asarray(labels)[list(LR_SWAP)]

@@ -29,6 +29,7 @@ masked out (`Sample.mask` marks the points that have a crop).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
@@ -38,9 +39,10 @@ from torch import nn
 from ..backbones import create_backbone
 from ..constants import AXIAL_T2, N_CLASSES, N_LEVELS, SAG_T1, SAG_T2
 from ..family import Sample
-from ..specs import SpecError
+from ..options import ExtraOptions, Options, option
+from ..stage1.assemble import DEFAULT_PREFER
 from ..stage1.keypoints import POINT_KINDS, KeypointSet
-from .base import GradingBase, positive_number
+from .base import GradingBase, GradingOptions
 from .crops import locate_point
 from .layers import ConditionGate, SliceSequenceEncoder, SliceStackEncoder
 from .layout import point_lr_perm, point_targets, points_mask, scatter_points
@@ -61,6 +63,25 @@ DEFAULT_CROP_MM: dict[str, float] = {"spinal": 48.0, "foraminal": 40.0, "subarti
 DEFAULT_COMPANION_CROP_MM = 48.0
 
 
+@dataclass(frozen=True)
+class RoiOptions(GradingOptions):
+    head: str = option("gated", "per-point head (see the module docstring)", choices=HEADS)
+    hidden: int = option(64, "LSTM / GRU width")
+    companion: bool = option(True, "subarticular: add the sagittal T2 companion crop per point")
+
+    def check(self) -> None:
+        super().check()
+        self.need(self.hidden >= 1, f"hidden must be >= 1, got {self.hidden}")
+
+
+@dataclass(frozen=True)
+class RoiInput(ExtraOptions):
+    sag_crop_mm: float = option(DEFAULT_COMPANION_CROP_MM, "subarticular: side (mm) of the sagittal companion crops")
+
+    def check(self) -> None:
+        self.need(np.isfinite(self.sag_crop_mm) and self.sag_crop_mm > 0, f"sag_crop_mm must be > 0, got {self.sag_crop_mm}")
+
+
 class RoiFamily(GradingBase):
     """Per-view ROI grader; see the module docstring.
 
@@ -72,29 +93,21 @@ class RoiFamily(GradingBase):
 
     name = "roi"
     VARIANTS: ClassVar[tuple[str, ...]] = ("spinal", "foraminal", "subarticular")
-    MODEL_KWARGS: ClassVar[dict[str, Any]] = {"head": "gated", "hidden": 64, "companion": True}
-    EXTRA: ClassVar[dict[str, Any]] = {"sag_crop_mm": DEFAULT_COMPANION_CROP_MM}
-    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = {
-        "spinal": ("sag3d_t2", "sag2d_t2"),
-        "foraminal": ("sag3d_t1", "sag2d_t1"),
-        "subarticular": ("axial_level", "axial3d", "projection"),
-    }
+    options_type: ClassVar[type[Options]] = RoiOptions
+    input_options_type: ClassVar[type[ExtraOptions]] = RoiInput
+    DEFAULT_PREFER: ClassVar[dict[str, tuple[str, ...]]] = dict(DEFAULT_PREFER)
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
         self.kind = self.entry.variant
-        self.head = str(self.kwargs["head"])
-        if self.head not in HEADS:
-            raise SpecError(f"{self.where}: unknown model_kwargs.head {self.head!r}; expected one of {HEADS}")
+        self.head = self.options.head
         if self.head == "slice_gru":
             self._require_chans(1, "the slice_gru head reads one slice at a time")
         else:
             self._require_chans(self.spec.n_slices, f"the {self.head} head reads the slices as channels")
-        if int(self.kwargs["hidden"]) < 1:
-            raise SpecError(f"{self.where}: model_kwargs.hidden must be >= 1, got {self.kwargs['hidden']}")
-        self.companion = self.kind == "subarticular" and bool(self.kwargs["companion"])
+        self.companion = self.kind == "subarticular" and self.options.companion
         self.crop_mm = float(self.spec.crop_mm or DEFAULT_CROP_MM[self.kind])
-        self.sag_crop_mm = positive_number(self.extra["sag_crop_mm"], f"{self.where}: input.extra.sag_crop_mm")
+        self.sag_crop_mm = float(self.input_options.sag_crop_mm)
         self.n_points = POINT_KINDS[self.kind]
 
     # -- shapes and flips ----------------------------------------------------------------
@@ -120,8 +133,8 @@ class RoiFamily(GradingBase):
             arch=self.entry.arch,
             n_slices=self.spec.n_slices,
             companion=self.companion,
-            hidden=int(self.kwargs["hidden"]),
-            dropout=float(self.kwargs["dropout"]),
+            hidden=self.options.hidden,
+            dropout=self.options.dropout,
             arch_kwargs=self.entry.arch_kwargs,
         )
 

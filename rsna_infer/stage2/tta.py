@@ -50,6 +50,16 @@ class ViewAxes:
             raise ValueError(f"plane must be one of {PLANES} or None, got {self.plane!r}")
 
 
+def flip_dims(plane: str | None, ap: bool, lr: bool) -> list[int]:
+    """Trailing dims of a ``[..., slices, rows, cols]`` crop of ``plane`` that a patient mirror
+    reverses: ``ap`` sagittal columns / axial rows; ``lr`` sagittal slices / axial columns."""
+    if plane == "sagittal":
+        return ([-1] if ap else []) + ([-3] if lr else [])
+    if plane == "axial":
+        return ([-2] if ap else []) + ([-1] if lr else [])
+    return []
+
+
 def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool = False, lr: bool = False) -> dict[str, torch.Tensor]:
     """The batch as seen with the patient mirrored ``ap`` and/or ``lr`` (new tensors)."""
     import torch
@@ -59,13 +69,7 @@ def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool =
         if key not in axes:
             raise KeyError(f"batch entry {key!r} has no flip axes declared; known: {sorted(axes)}")
         ax = axes[key]
-        dims: list[int] = []
-        if ax.plane == "sagittal":
-            dims += [-1] if ap else []
-            dims += [-3] if lr else []
-        elif ax.plane == "axial":
-            dims += [-2] if ap else []
-            dims += [-1] if lr else []
+        dims = flip_dims(ax.plane, ap, lr)
         if dims:
             x = torch.flip(x, dims)
         if lr and ax.lr_perm is not None:
@@ -74,14 +78,20 @@ def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool =
     return out
 
 
-def mirror_sample_ap(inputs: dict[str, np.ndarray], axes: dict[str, ViewAxes]) -> dict[str, np.ndarray]:
-    """One sample's inputs (no batch axis) with the patient mirrored anterior/posterior: the
-    training-time counterpart of the ``ap`` TTA pass (no output changes needed)."""
+def mirror_sample(inputs: dict[str, np.ndarray], axes: dict[str, ViewAxes], ap: bool = False, lr: bool = False) -> dict[str, np.ndarray]:
+    """One sample's inputs (no batch axis) with the patient mirrored ``ap`` and/or ``lr``: the
+    training-time counterpart of the TTA passes (an ``lr`` mirror also swaps the left/right
+    input slots, so its labels must be swapped too, `rsna_infer.stage2.layout.swap_lr_labels`)."""
     out = {}
     for key, x in inputs.items():
-        plane = axes[key].plane
-        axis = -1 if plane == "sagittal" else -2 if plane == "axial" else None
-        out[key] = np.ascontiguousarray(np.flip(x, axis)) if axis is not None else x
+        ax = axes[key]
+        dims = flip_dims(ax.plane, ap, lr)
+        permute = lr and ax.lr_perm is not None
+        if dims:
+            x = np.flip(x, tuple(dims))
+        if permute:
+            x = x[list(ax.lr_perm)]
+        out[key] = np.ascontiguousarray(x) if (dims or permute) else x
     return out
 
 

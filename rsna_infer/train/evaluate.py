@@ -10,6 +10,7 @@ import numpy as np
 
 from ..constants import GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
 from ..ensemble import blend_logits
+from ..stage1.assemble import preferred_best
 from ..stage1.keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
 
 if TYPE_CHECKING:
@@ -75,7 +76,7 @@ def keypoint_errors(pred: StudyKeypoints, truth: StudyKeypoints, study: "Study |
     """
     out: dict[str, np.ndarray] = {}
     for kind in POINT_KINDS:
-        p = pred.best(kind)
+        p = preferred_best(pred, kind)
         t: KeypointSet | None = truth.get(truth_key(kind))
         if p is None or t is None:
             continue

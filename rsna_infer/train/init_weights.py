@@ -197,10 +197,19 @@ def _strip(source: dict[str, "torch.Tensor"], target_keys: set[str], path: str) 
     """The source keys with the prefix (none, ``module.``, the backbone's own path, ...) that
     matches most of the target's keys."""
     prefixes = ("", *(_PREFIXES + ((f"{path}.",) if path else ())))
-    best, best_hits = source, sum(k in target_keys for k in source)
-    for p in prefixes[1:]:
+    # A feature-map backbone (timm ``features_only``) names its modules with the nesting
+    # dots of the full model's top-level blocks made underscores (``stages.0`` -> ``stages_0``):
+    # a source key also matches the target key that is equal up to '.' / '_'.
+    by_flat = {k.replace(".", "_"): k for k in target_keys}
+    best, best_hits = source, -1
+    for p in prefixes:
         cand = {k[len(p):]: v for k, v in source.items() if k.startswith(p)}
         hits = sum(k in target_keys for k in cand)
+        if hits < len(target_keys):
+            renamed = {(k if k in target_keys else by_flat.get(k.replace(".", "_"), k)): v for k, v in cand.items()}
+            renamed_hits = sum(k in target_keys for k in renamed)
+            if renamed_hits > hits:
+                cand, hits = renamed, renamed_hits
         if hits > best_hits:
             best, best_hits = cand, hits
     return best

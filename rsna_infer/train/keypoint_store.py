@@ -34,6 +34,7 @@ def save_keypoints(path: str | Path, keypoints: dict[int, StudyKeypoints], split
         sets = [keypoints[s].sets.get(key) or KeypointSet.empty(kind, key) for s in ids]
         for f in _FIELDS:
             arrays[f"{key}/{f}"] = np.stack([getattr(s, f) for s in sets]) if sets else np.zeros((0,))
+        arrays[f"{key}/origin"] = np.stack([s.origin.astype(str) for s in sets]) if sets else np.zeros((0,), str)
     arrays["meta"] = np.frombuffer(json.dumps({"kinds": kinds, "split": split}).encode(), dtype=np.uint8)
     np.savez_compressed(path, **arrays)
     return path
@@ -48,10 +49,14 @@ def load_keypoints(*paths: str | Path) -> dict[int, StudyKeypoints]:
             kinds = json.loads(bytes(z["meta"]).decode())["kinds"]
             ids = z["study_ids"].tolist()
             data = {k: {f: z[f"{k}/{f}"] for f in _FIELDS} for k in kinds}
+            origins = {k: z[f"{k}/origin"] if f"{k}/origin" in z.files else None for k in kinds}  # older files: none
         for i, sid in enumerate(ids):
             kp = out.setdefault(int(sid), StudyKeypoints(int(sid)))
             for key, kind in kinds.items():
                 s = KeypointSet(kind, source=key, **{f: data[key][f][i] for f in _FIELDS})
+                if origins[key] is not None:
+                    s = KeypointSet.from_points(kind, s.world, s.voxel, s.series_id, s.stack_index, s.confidence,
+                                                origins[key][i].astype(object))
                 if s.valid.any():
                     kp.sets[key] = s
     return out

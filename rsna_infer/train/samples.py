@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..constants import N_CONDITIONS, N_LEVELS
-from ..family import Family, KeypointFamily, Sample
+from ..family import Family, GradingFamily, KeypointFamily, Sample
 from ..stage1.keypoints import StudyKeypoints
 from .data import TrainingData
 
@@ -147,8 +147,10 @@ class Collate:
                 batch.targets = custom(tlist) if custom is not None else {
                     k: torch.from_numpy(np.stack([np.asarray(t[k]) for t in tlist])) for k in tlist[0]}
         else:
-            batch.labels = torch.from_numpy(
-                np.stack([np.asarray(it.labels, np.int64) for it in items for _ in it.samples])
+            fam = self.family
+            assert isinstance(fam, GradingFamily)
+            batch.labels = torch.from_numpy(  # per sample: a left/right mirrored sample has swapped labels
+                np.stack([np.asarray(fam.sample_labels(s, it.labels), np.int64) for it in items for s in it.samples])
             )
             batch.mask = torch.from_numpy(np.stack([full_mask(s) for s in samples]))
         return batch

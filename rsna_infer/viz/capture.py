@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import AXIAL_T2, LEVEL_TO_COORD_LEVEL, LEVELS, N_LEVELS, SAG_T1, SAG_T2, SIDES
+from ..stage1.assemble import preferred_best
 from .rank import KINDS, StudyScore, score_chunk_study
 
 if TYPE_CHECKING:
@@ -331,7 +332,7 @@ def _points(kp: "StudyKeypoints | None", truth: "StudyKeypoints | None") -> tupl
     out: list[_Point] = []
     prov_by_kind: dict[str, list[str]] = {}
     for kind in KINDS:
-        best = kp.best(kind) if kp is not None else None
+        best = preferred_best(kp, kind) if kp is not None else None
         if best is not None:
             prov = point_provenance(kp, best)  # type: ignore[arg-type]
             prov_by_kind[kind] = prov
@@ -402,7 +403,7 @@ def build_frames(study: "Study", inputs: list[_Input], kp: "StudyKeypoints | Non
     names = {fk: frames[fk].name for fk in keys}
     rows = []
     for kind in KINDS:
-        best = kp.best(kind) if kp is not None else None
+        best = preferred_best(kp, kind) if kp is not None else None
         t = truth.get(f"truth_{kind}") if truth is not None else None
         if best is None and t is None:
             continue

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..stage1.assemble import preferred_best
 
 if TYPE_CHECKING:
     from ..report import StudyRecord
@@ -79,7 +80,7 @@ def keypoint_confidence(kp: "StudyKeypoints | None") -> float | None:
         return None
     total = 0.0
     for kind in KINDS:
-        best = kp.best(kind)
+        best = preferred_best(kp, kind)
         if best is not None:
             total += float(np.where(best.valid, best.confidence, 0.0).sum())
     return total / N_POINTS
