@@ -142,3 +142,17 @@ def markdown_table(cls: type[Options]) -> str:
     for name, (default, doc) in cls.describe().items():
         rows.append(f"| `{name}` | `{default!r}` | {doc} |")
     return "\n".join(rows)
+
+
+def family_tables(family: str) -> str:
+    """Both option tables of a registered family (``model_kwargs`` and ``input.extra``)."""
+    from .registry import family_class
+
+    cls = family_class(family)
+    return "\n\n".join(f"{family} `{t.section}`:\n\n{markdown_table(t)}" for t in (cls.options_type, cls.input_options_type))
+
+
+if __name__ == "__main__":  # python -m rsna_infer.options FAMILY [FAMILY ...]: the tables for the docs
+    import sys
+
+    print("\n\n".join(family_tables(f) for f in sys.argv[1:]))
