@@ -28,6 +28,8 @@ from .typical import StudyGeometry, keypoints_in, typical_study, typical_world_p
 
 if TYPE_CHECKING:
     from ..family import Family, Sample
+    from ..io import Study
+    from ..stage1.keypoints import StudyKeypoints
     from ..manifest import Manifest
 
 logger = logging.getLogger(__name__)
@@ -172,7 +174,30 @@ def cost_manifest(
     notes: list[str] = []
     entries = list(manifest.models)
     families = {e.name: make_family(e) for e in entries}
-    # every stage-1 family's set key per kind, plus a neutral one for manifests without stage 1
+    studies = _typical_studies(entries, families, g, seed)
+    preps, samples, member_prep = _preparation_costs(entries, families, studies, notes)
+    signatures: dict[str, SignatureCost] = {}
+    member_signature: dict[str, str] = {}
+    for e in entries:
+        sig = cost_signature(e)
+        member_signature[e.name] = sig
+        if sig not in signatures:
+            signatures[sig] = _signature_cost(sig, e, families[e.name], samples[member_prep[e.name]],
+                                              member_prep[e.name], notes, count_flops, memory_batch)
+
+    decode = None
+    if measure_cpu:
+        decode = measure_decode(cpu_studies, cpu_image_size, seed=seed + 11)
+    else:
+        notes.append("decode not measured (measure_cpu=False): the loading workers' decode time is left out")
+    return EnsembleCost(entries, g, signatures, member_signature, preps, member_prep, decode,
+                        time.perf_counter() - t0, notes, str(manifest.path) if manifest.path else None)
+
+
+def _typical_studies(entries: list[ModelEntry], families: dict[str, "Family"], g: StudyGeometry,
+                     seed: int) -> list[tuple["Study", float, "StudyKeypoints"]]:
+    """One typical study per axial-series count, its share of studies, and keypoints under
+    every stage-1 set key the manifest has (plus a neutral one for manifests without stage 1)."""
     set_keys: dict[str, set[str]] = {k: {f"typical_{k}"} for k in ("spinal", "foraminal", "subarticular")}
     for e in entries:
         fam = families[e.name]
@@ -184,8 +209,13 @@ def cost_manifest(
     for i, (n_axial, weight) in enumerate(g.axial_series):
         study = typical_study(g, n_axial, study_id=i + 1, seed=seed + i)
         studies.append((study, weight, keypoints_in(study, world, set_keys)))
+    return studies
 
-    # -- preparation groups (the predictor's own, `rsna_infer.groups`): samples and CPU time
+
+def _preparation_costs(entries: list[ModelEntry], families: dict[str, "Family"], studies: list,
+                       notes: list[str]) -> tuple[dict[str, PrepCost], dict[str, list], dict[str, str]]:
+    """Per preparation group (the predictor's own, `rsna_infer.groups`): its CPU time and the
+    samples it makes of each typical study (with the study's weight); the group of each member."""
     preps: dict[str, PrepCost] = {}
     samples: dict[str, list[tuple[list[Sample], float]]] = {}
     member_prep: dict[str, str] = {}
@@ -210,57 +240,46 @@ def cost_manifest(
                 got.append((out, weight))
         samples[key] = got
         preps[key] = PrepCost(key, grp.stage, in_worker, list(grp.members), st, sum(w * len(s) for s, w in got))
+    return preps, samples, member_prep
 
-    # -- FLOPs per cost signature -----------------------------------------------------------
-    signatures: dict[str, SignatureCost] = {}
-    member_signature: dict[str, str] = {}
-    for e in entries:
-        sig = cost_signature(e)
-        member_signature[e.name] = sig
-        if sig in signatures:
-            continue
-        fam = families[e.name]
-        t = time.perf_counter()
-        by_shape: dict[tuple, tuple[Sample, float]] = {}
-        for out, weight in samples[member_prep[e.name]]:
-            for s in out:
-                k = _shape_key(s)
-                first, w = by_shape.get(k, (s, 0.0))
-                by_shape[k] = (first, w + weight)
-        note = ""
-        if by_shape:
-            batches = [(fam.collate([s]), w, s) for s, w in by_shape.values()]
-        else:
-            note = "the typical study gave no sample: one example_batch sample per study counted"
-            if not any(n.startswith(member_prep[e.name]) for n in notes):
-                notes.append(f"{e.name}: {note}")
-            batches = [(fam.example_batch(1), 1.0, None)]
-        shapes, params, model = [], 0, None
-        for batch, w, example in batches:
-            if count_flops:
-                flops, params, model = count_run(fam, batch, model)
-            else:
-                flops = CallFlops(0.0, 0.0, 1, "not counted")
-            shapes.append(ShapeCost({k: list(v.shape[1:]) for k, v in batch.items()}, w, flops, example))
-        cost = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
-        if memory_batch:
-            big = max(batches, key=lambda b: batch_bytes(b[0]))
-            one = [big[2]] if big[2] is not None else None
-            full = fam.collate(one * int(memory_batch)) if one else fam.example_batch(int(memory_batch))
-            with one_torch_thread():
-                cost.memory, model = run_memory(fam, full, model)
-            cost.memory_batch, cost.memory_batch_bytes = int(memory_batch), batch_bytes(full)
-            if not count_flops:
-                cost.params = int(cost.memory.weight_bytes_fp32 // 4)
-            del full
-        signatures[sig] = cost
-        logger.debug("%s: %.1f GFLOP per study with TTA (%s)", sig, signatures[sig].flops_per_study(True) / 1e9,
-                     ", ".join(s.flops.method for s in shapes))
 
-    decode = None
-    if measure_cpu:
-        decode = measure_decode(cpu_studies, cpu_image_size, seed=seed + 11)
+def _signature_cost(sig: str, e: ModelEntry, fam: "Family", prepared: list[tuple[list[Sample], float]],
+                    prep_key: str, notes: list[str], count_flops: bool, memory_batch: int | None) -> SignatureCost:
+    """FLOPs (one count per distinct input shape, weighted by its share of studies) and,
+    with ``memory_batch``, the device memory of one distinct model."""
+    t = time.perf_counter()
+    by_shape: dict[tuple, tuple[Sample, float]] = {}
+    for out, weight in prepared:
+        for s in out:
+            k = _shape_key(s)
+            first, w = by_shape.get(k, (s, 0.0))
+            by_shape[k] = (first, w + weight)
+    note = ""
+    if by_shape:
+        batches = [(fam.collate([s]), w, s) for s, w in by_shape.values()]
     else:
-        notes.append("decode not measured (measure_cpu=False): the loading workers' decode time is left out")
-    return EnsembleCost(entries, g, signatures, member_signature, preps, member_prep, decode,
-                        time.perf_counter() - t0, notes, str(manifest.path) if manifest.path else None)
+        note = "the typical study gave no sample: one example_batch sample per study counted"
+        if not any(n.startswith(prep_key) for n in notes):
+            notes.append(f"{e.name}: {note}")
+        batches = [(fam.example_batch(1), 1.0, None)]
+    shapes, params, model = [], 0, None
+    for batch, w, example in batches:
+        if count_flops:
+            flops, params, model = count_run(fam, batch, model)
+        else:
+            flops = CallFlops(0.0, 0.0, 1, "not counted")
+        shapes.append(ShapeCost({k: list(v.shape[1:]) for k, v in batch.items()}, w, flops, example))
+    cost = SignatureCost(sig, e.name, params, shapes, time.perf_counter() - t, note)
+    if memory_batch:
+        big = max(batches, key=lambda b: batch_bytes(b[0]))
+        one = [big[2]] if big[2] is not None else None
+        full = fam.collate(one * int(memory_batch)) if one else fam.example_batch(int(memory_batch))
+        with one_torch_thread():
+            cost.memory, model = run_memory(fam, full, model)
+        cost.memory_batch, cost.memory_batch_bytes = int(memory_batch), batch_bytes(full)
+        if not count_flops:
+            cost.params = int(cost.memory.weight_bytes_fp32 // 4)
+        del full
+    logger.debug("%s: %.1f GFLOP per study with TTA (%s)", sig, cost.flops_per_study(True) / 1e9,
+                 ", ".join(s.flops.method for s in shapes))
+    return cost
