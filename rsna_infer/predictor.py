@@ -1126,19 +1126,7 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
                            read_ahead=read_ahead)
     t = time.perf_counter()
     assembled = assemble_submission(result.probs, result.study_ids, masks=result.coverage, priors=man.priors)
-    for sid in result.study_ids:
-        rec = result.records.setdefault(sid, StudyRecord(sid, status="fallback", fallbacks=["no result; prior rows"]))
-        filled = assembled.filled.get(sid, [])
-        rec.set_prior_targets(len(filled))
-        if filled and rec.status != "skipped":
-            rec.fallbacks.append(_describe_filled(filled))
-    report.deadline = result.deadline or {}
-    report.warnings += result.warnings
-    report.faults = result.faults
-    report.memory = result.memory
-    report.peak_rss_mb = result.peak_rss_mb
-    report.n_studies = len(result.study_ids)
-    report.add_studies([result.records[s] for s in result.study_ids])
+    _record_result(report, result, assembled)
     try:
         _write_csv(assembled.frame, out_csv, result.study_ids)
     except OutputError as e:
@@ -1162,6 +1150,24 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
         except Exception:
             logger.exception("writing the QA pages under %s failed", qa_dir)
     return assembled.frame
+
+
+def _record_result(report: RunReport, result: RunResult, assembled: Any) -> None:
+    """The run's outcome in the report: every study's record (a study without one fell back
+    whole), the prior targets the submission filled, deadline, faults, memory and warnings."""
+    for sid in result.study_ids:
+        rec = result.records.setdefault(sid, StudyRecord(sid, status="fallback", fallbacks=["no result; prior rows"]))
+        filled = assembled.filled.get(sid, [])
+        rec.set_prior_targets(len(filled))
+        if filled and rec.status != "skipped":
+            rec.fallbacks.append(_describe_filled(filled))
+    report.deadline = result.deadline or {}
+    report.warnings += result.warnings
+    report.faults = result.faults
+    report.memory = result.memory
+    report.peak_rss_mb = result.peak_rss_mb
+    report.n_studies = len(result.study_ids)
+    report.add_studies([result.records[s] for s in result.study_ids])
 
 
 def _select_studies(refs: list["StudyRef"], study_ids: Sequence[int], test_dir: str | os.PathLike) -> list["StudyRef"]:
