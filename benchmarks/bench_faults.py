@@ -3,7 +3,7 @@
     python benchmarks/bench_faults.py --studies 36 --workers 2 --budget 150
 
 One phantom test root (`rsna_infer.synth`) and the tiny random-init ensemble of every family
-(`rsna_infer.random_weights`); each scenario is a fresh CLI process, hurt from outside:
+(`rsna_infer.models.random_weights`); each scenario is a fresh CLI process, hurt from outside:
 
 - ``clean``: nothing happens (the reference);
 - ``sigkill``: SIGKILL one busy loading worker ``--kill-after`` seconds after the first
@@ -34,7 +34,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _busy_worker(proc: subprocess.Popen, label: str | None = None, exclude: tuple[int, ...] = (), timeout: float = 300) -> int:
     """A loading worker of ``proc`` busy with a study (``label``: that one), seen in /proc."""
-    from rsna_infer.workers import named_children
+    from rsna_infer.runtime.workers import named_children
 
     end = time.monotonic() + timeout
     while time.monotonic() < end and proc.poll() is None:
@@ -113,7 +113,7 @@ def main() -> None:
     p.add_argument("--work", default=None, help="folder for the root and outputs (default: a temporary one)")
     args = p.parse_args()
 
-    from rsna_infer.random_weights import make_random_manifest
+    from rsna_infer.models.random_weights import make_random_manifest
     from rsna_infer.synth import make_dataset
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_faults_"))

@@ -7,7 +7,7 @@ peak RSS, and non-model time against a plain decode of the same files.
 Writes phantom test roots (`rsna_infer.synth`, test split, 384-512 px by default, 15-21
 sagittal and ~30-45 axial slices per series, a second axial series in ``--second-axial-rate``
 of the studies) and a manifest of tiny random-init models covering every family
-(`rsna_infer.random_weights`; or ``--manifest``), then runs ``predict`` in a fresh subprocess
+(`rsna_infer.models.random_weights`; or ``--manifest``), then runs ``predict`` in a fresh subprocess
 per (studies, workers) pair, so that peak RSS belongs to that run alone. Each configuration
 runs twice:
 
@@ -154,7 +154,7 @@ def main() -> None:
         _child(args)
         return
 
-    from rsna_infer.random_weights import make_random_manifest
+    from rsna_infer.models.random_weights import make_random_manifest
     from rsna_infer.synth import make_dataset
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_predict_"))

@@ -62,7 +62,7 @@ def _batch(cfg, data, sid):
     import numpy as np
     import torch
 
-    from rsna_infer.registry import make_family
+    from rsna_infer.models.registry import make_family
     from rsna_infer.train.samples import Collate, StudyDataset
 
     family = make_family(cfg.model_entry(0))

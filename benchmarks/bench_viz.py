@@ -68,7 +68,7 @@ def main() -> None:
         _one(args)
         return
 
-    from rsna_infer.random_weights import make_random_manifest
+    from rsna_infer.models.random_weights import make_random_manifest
     from rsna_infer.synth import make_dataset
 
     work = Path(args.work or tempfile.mkdtemp(prefix="bench_viz_"))

@@ -13,7 +13,7 @@ Self-contained: it needs no weights and no data. It
    autocast, as the predictor holds them) on a batch of the typical study's real sample
    shapes, the size a 16-study chunk gives (at most ``--batch-size``), with CUDA events:
    effective TFLOP/s per model; its peak device memory against the plan's figure
-   (`rsna_infer.memory`); then, time allowing, the same with channels-last weights
+   (`rsna_infer.runtime.memory`); then, time allowing, the same with channels-last weights
    (``--channels-last`` of the predictor): the speed-up per model;
 3. writes phantom test studies (384-512 px, some with two axial series) and random-init
    weights (one file per distinct model, folds share it), builds the `Predictor` and runs
@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 logger = logging.getLogger("gpu_check")
-CHUNK = 16  # studies per chunk in the predictor (rsna_infer.predictor.DEFAULT_CHUNK_SIZE)
+CHUNK = 16  # studies per chunk in the predictor (rsna_infer.inference.engine.DEFAULT_CHUNK_SIZE)
 
 
 class Clock:
@@ -119,7 +119,7 @@ def time_models(cost, device, batch_size: int, clock: Clock, min_reps: int = 3, 
     per signature the memory check and the channels-last speed-up."""
     import torch
 
-    from rsna_infer.registry import make_family
+    from rsna_infer.models.registry import make_family
 
     timings = {}
     models = {} if models is None else models
@@ -149,7 +149,7 @@ def time_channels_last(cost, device, batch_size: int, clock: Clock, timings: dic
     the default memory format (> 1: faster), into ``models[signature]``."""
     import torch
 
-    from rsna_infer.registry import make_family
+    from rsna_infer.models.registry import make_family
 
     entries = {e.name: e for e in cost.entries}
     for sig, t in list(timings.items()):
@@ -171,8 +171,8 @@ def _time_one(family, name: str, sig: str, shape, device, batch_size: int, min_r
     import torch
 
     from rsna_infer.estimate import MemberTiming
-    from rsna_infer.members import autocast_for, cast_weights, to_channels_last
-    from rsna_infer.memory import batch_bytes, member_memory, run_memory
+    from rsna_infer.models.members import autocast_for, cast_weights, to_channels_last
+    from rsna_infer.runtime.memory import batch_bytes, member_memory, run_memory
 
     model = family.build().eval()
     if device.type == "cuda":
@@ -237,8 +237,8 @@ def random_manifest(entries, out_dir: Path):  # noqa: ANN001
     import torch
 
     from rsna_infer.estimate import cost_signature
-    from rsna_infer.manifest import Manifest, export_model
-    from rsna_infer.registry import make_family
+    from rsna_infer.models.manifest import Manifest, export_model
+    from rsna_infer.models.registry import make_family
 
     written: dict[str, object] = {}
     models = []
@@ -310,8 +310,8 @@ def run_predictor(entries, device, n_studies: int, image_size: tuple[int, int], 
     import numpy as np
     import torch
 
+    from rsna_infer.inference.engine import Predictor
     from rsna_infer.io import discover_studies
-    from rsna_infer.predictor import Predictor
     from rsna_infer.synth import make_dataset
 
     out: dict[str, object] = {}
@@ -369,7 +369,7 @@ def run_predictor(entries, device, n_studies: int, image_size: tuple[int, int], 
             out["fp16_vs_fp32_max_abs_dp"] = None
             clock.notes.append("fp16 vs fp32: not measured on the CPU (inference there is fp32 only)")
         elif clock.allow("the fp32 comparison", 8.0 * wall * k / max(len(refs), 1) + 20.0):
-            from rsna_infer.manifest import load_weights
+            from rsna_infer.models.manifest import load_weights
 
             for e in man.models:  # the fp32 weights back, as they are in the files
                 m = predictor.replicas[0][e.name]
@@ -444,8 +444,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from rsna_infer.estimate import Calibration, StudyGeometry, cost_manifest, kind_of_device_name
-    from rsna_infer.manifest import Manifest, load_manifest
-    from rsna_infer.random_weights import tiny_entries
+    from rsna_infer.models.manifest import Manifest, load_manifest
+    from rsna_infer.models.random_weights import tiny_entries
 
     if args.device is None:
         args.device = "cpu" if args.cpu_smoke else "cuda:0"

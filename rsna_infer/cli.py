@@ -15,11 +15,11 @@ import sys
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rsna_infer.demo", "phantom test set -> predict with the demo weights -> score vs baselines"),
-    "predict": ("rsna_infer.predictor", "write submission.csv for a Kaggle-layout test root"),
+    "predict": ("rsna_infer.inference.engine", "write submission.csv for a Kaggle-layout test root"),
     "show": ("rsna_infer.viz.show", "QA page of one study: model inputs with keypoints, crops, probabilities"),
     "score": ("rsna_infer.metric", "score a submission CSV against train.csv-style labels"),
     "synth": ("rsna_infer.synth", "write phantom lumbar-spine studies in the Kaggle layout"),
-    "manifest": ("rsna_infer.manifest", "add, verify or summarise a weights manifest"),
+    "manifest": ("rsna_infer.models.manifest", "add, verify or summarise a weights manifest"),
     "estimate": ("rsna_infer.estimate", "project a manifest's run time per GPU kind; what to shed to fit 9 h"),
     "cache": ("rsna_infer.train.cache", "decode every training study into the training cache (in parallel)"),
     "folds": ("rsna_infer.train.folds", "write the one study-level fold split every model of the ensemble shares"),

@@ -146,7 +146,7 @@ def markdown_table(cls: type[Options]) -> str:
 
 def family_tables(family: str) -> str:
     """Both option tables of a registered family (``model_kwargs`` and ``input.extra``)."""
-    from .registry import family_class
+    from .models.registry import family_class
 
     cls = family_class(family)
     return "\n\n".join(f"{family} `{t.section}`:\n\n{markdown_table(t)}" for t in (cls.options_type, cls.input_options_type))

@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(plan: dict, config_dir: Path, out: Path, work: Path, overrides: list[str], progress: bool, resume: bool) -> int:
-    from rsna_infer.manifest import load_manifest, save_manifest
+    from rsna_infer.models.manifest import load_manifest, save_manifest
     from rsna_infer.synth import make_dataset
     from rsna_infer.train.blend import fit_blend, format_report, load_oof
     from rsna_infer.train.config import load_config, parse_override

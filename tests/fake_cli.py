@@ -5,11 +5,12 @@ with ``tests/`` on ``PYTHONPATH``."""
 import sys
 
 import predict_fakes
-from rsna_infer import registry
+
+from rsna_infer.models import registry
 
 registry._FAMILY_PATHS.update(predict_fakes.FAKE_PATHS)
 
-import rsna_infer.predictor as predictor  # noqa: E402
+import rsna_infer.inference.engine as predictor  # noqa: E402
 
 predictor._default_finalize = lambda: (lambda study, kp: kp)  # the fakes need no stage-1 finalize
 

@@ -4,7 +4,7 @@ The fakes are real `Family` subclasses (the predictor cannot tell them apart fro
 stage-1/2 code): a keypoint family that regresses 5 spinal points on the centre sagittal
 T2 slice, and a grader that reads a patch around those points. Their networks have a few
 hundred parameters, so a whole run takes well under a second per study. They are registered
-by patching ``rsna_infer.registry._FAMILY_PATHS`` (see `use_fake_families`; `fake_cli.py`
+by patching ``rsna_infer.models.registry._FAMILY_PATHS`` (see `use_fake_families`; `fake_cli.py`
 does the same for a real ``rsna-infer`` process). Model kwargs steer failures and costs:
 ``fail_on`` (study ids whose prepare raises), ``nan_on`` (study ids whose output is NaN),
 ``raise_on`` (study ids whose presence makes a batch raise), ``cost`` (seconds a forward adds
@@ -28,11 +28,11 @@ import torch
 from torch import nn
 
 from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
-from rsna_infer.family import GradingFamily, KeypointFamily, Sample
 from rsna_infer.io.volume import Volume
 from rsna_infer.io.writer import write_volume
+from rsna_infer.keypoints import KeypointSet
+from rsna_infer.models.family import GradingFamily, KeypointFamily, Sample
 from rsna_infer.options import Options, option
-from rsna_infer.stage1.keypoints import KeypointSet
 
 
 @dataclass(frozen=True)
@@ -214,7 +214,7 @@ FAKE_PATHS = {"sag2d": f"{__name__}:FakeSag", "roi": f"{__name__}:FakeGrader"}
 
 def use_fake_families(monkeypatch) -> None:
     """Point the registry's sag2d and roi at the fakes for one test."""
-    from rsna_infer import registry
+    from rsna_infer.models import registry
 
     for k, v in FAKE_PATHS.items():
         monkeypatch.setitem(registry._FAMILY_PATHS, k, v)

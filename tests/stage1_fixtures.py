@@ -11,8 +11,8 @@ import numpy as np
 
 from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
 from rsna_infer.io.volume import Study, Volume
+from rsna_infer.keypoints import KeypointSet, StudyKeypoints, truth_key
 from rsna_infer.specs import ModelEntry
-from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints, truth_key
 
 LEVEL_Z = np.array([60.0, 40.0, 20.0, 0.0, -20.0])
 CANAL_XY = (0.0, 10.0)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from rsna_infer.backbones import create_backbone
+from rsna_infer.models.backbones import create_backbone
 
 
 def test_2d_backbone_is_headless_with_features():

@@ -125,7 +125,7 @@ def test_build_wheel_offline_bundle(tmp_path: Path) -> None:
 def test_demo_weights_are_reported_as_demo_wherever_they_are(tmp_path: Path, phantom_test_root: Path) -> None:
     """Recognised by sha256, not by path: a copy of the demo weights under another name is a
     demo bundle for build_wheel.sh, for --merge and for predict."""
-    from rsna_infer.manifest import demo_entries, load_manifest
+    from rsna_infer.models.manifest import demo_entries, load_manifest
 
     copy = tmp_path / "my_weights"
     shutil.copytree(REPO / "rsna_infer" / "demo", copy, ignore=shutil.ignore_patterns("__pycache__"))

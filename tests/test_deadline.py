@@ -1,6 +1,6 @@
 import pytest
 
-from rsna_infer.deadline import DeadlineGuard, build_ladder
+from rsna_infer.runtime.deadline import DeadlineGuard, build_ladder
 from rsna_infer.specs import ModelEntry
 
 
@@ -129,7 +129,7 @@ def test_the_first_projection_is_logged(caplog):
     clock = Clock()
     g = _guard(10_000, clock)
     _chunk(g, clock, 10, 1.0, COST, g.choose(100))
-    with caplog.at_level("INFO", logger="rsna_infer.deadline"):
+    with caplog.at_level("INFO", logger="rsna_infer.runtime.deadline"):
         g.choose(90)
         g.choose(80)
     assert caplog.text.count("projected finish") == 1 and "plan 'full'" in caplog.text
@@ -153,7 +153,7 @@ def test_streaming_loads_are_a_cost_per_chunk_spread_over_its_studies():
     """A one-study probe chunk that spent 8 s moving streamed weights must not make every
     study look 8 s dearer: loads count per chunk, spread over the run's chunk size, and a
     member shed takes its loads with it."""
-    from rsna_infer.deadline import DeadlineGuard, Plan
+    from rsna_infer.runtime.deadline import DeadlineGuard, Plan
 
     clock = lambda: 0.0  # noqa: E731
     full = Plan(True, frozenset({"a", "b"}))

@@ -18,7 +18,7 @@ from rsna_infer.demo import (
 
 def test_packaged_demo_weights_are_complete_and_small():
     path = check_demo_weights()  # every file present, sha256 verified, both stages
-    from rsna_infer.manifest import load_manifest
+    from rsna_infer.models.manifest import load_manifest
 
     man = load_manifest(path)
     total = sum(man.resolve(m).stat().st_size for m in man.models)

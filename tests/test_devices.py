@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from rsna_infer import devices
-from rsna_infer.devices import (
+from rsna_infer.runtime import devices
+from rsna_infer.runtime.devices import (
     FAILED,
     FINISHED,
     TIMED_OUT,
@@ -72,8 +72,9 @@ def test_the_cpu_fallback_reaches_the_run_report(p100, monkeypatch, tmp_path):
     import json
 
     from predict_fakes import fake_entries, use_fake_families, write_fake_root
-    from rsna_infer.predictor import predict
-    from rsna_infer.random_weights import make_random_manifest
+
+    from rsna_infer.inference.engine import predict
+    from rsna_infer.models.random_weights import make_random_manifest
 
     use_fake_families(monkeypatch)
     root = write_fake_root(tmp_path / "root", [1, 2])

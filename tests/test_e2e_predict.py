@@ -9,8 +9,8 @@ import pytest
 
 from rsna_infer import predict
 from rsna_infer.constants import CLASSES, study_row_ids
-from rsna_infer.manifest import ManifestError
-from rsna_infer.random_weights import make_random_manifest
+from rsna_infer.models.manifest import ManifestError
+from rsna_infer.models.random_weights import make_random_manifest
 from rsna_infer.synth import make_dataset
 
 pytestmark = pytest.mark.slow
@@ -172,7 +172,7 @@ def test_a_group_the_blend_fit_gave_to_the_priors_is_not_a_fallback(phantom_test
     from dataclasses import replace
 
     from rsna_infer.constants import CONDITION_GROUP_INDEX, GROUPS
-    from rsna_infer.manifest import load_manifest, save_manifest
+    from rsna_infer.models.manifest import load_manifest, save_manifest
 
     man = load_manifest(tiny_manifest)
     models = [replace(m, blend={**{g: 1.0 for g in GROUPS}, **m.blend, "foraminal": 0.0}) if m.stage == 2 else m
@@ -195,7 +195,7 @@ def test_streamed_members_give_the_same_csv_and_the_plan_matches_the_run(phantom
     """A device budget (standing in for the card) that the resident ensemble exceeds switches
     to streamed members: byte-identical CSV; the report has the mode, the plan per member
     and what was measured, and the plan's activations match the measured ones."""
-    from rsna_infer.predictor import Predictor
+    from rsna_infer.inference.engine import Predictor
 
     probe = Predictor(tiny_manifest, device="cpu", batch_size=4, device_memory_gb=1000.0, verify=False)
     plan = probe.memory_plan

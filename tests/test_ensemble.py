@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from rsna_infer.constants import CONDITION_GROUP_INDEX
-from rsna_infer.ensemble import blend_coverage, blend_logits, member_weights, softmax
+from rsna_infer.models.ensemble import blend_coverage, blend_logits, member_weights, softmax
 from rsna_infer.specs import ModelEntry
 
 

@@ -13,7 +13,6 @@ import pytest
 import torch
 from torch import nn
 
-from rsna_infer.deadline import build_ladder
 from rsna_infer.estimate import (
     Calibration,
     MemberTiming,
@@ -25,8 +24,9 @@ from rsna_infer.estimate import (
     project,
 )
 from rsna_infer.estimate.flops import count_run
-from rsna_infer.manifest import Manifest, save_manifest
-from rsna_infer.random_weights import tiny_entries
+from rsna_infer.models.manifest import Manifest, save_manifest
+from rsna_infer.models.random_weights import tiny_entries
+from rsna_infer.runtime.deadline import build_ladder
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = StudyGeometry(sagittal_slices=10, axial_slices=16, image_px=64)
@@ -168,7 +168,7 @@ def test_faster_cards_project_shorter_device_time(tiny_cost) -> None:
 
 def _budget_for(usable_hours: float) -> float:
     """Budget (h) whose usable part after the deadline guard's reserve is ``usable_hours``."""
-    from rsna_infer.deadline import default_reserve_s
+    from rsna_infer.runtime.deadline import default_reserve_s
 
     b = usable_hours
     for _ in range(50):

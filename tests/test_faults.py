@@ -20,15 +20,15 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pytest
-
 import predict_fakes as fakes
+import pytest
 from predict_fakes import fake_entries, use_fake_families, write_fake_root
+
 from rsna_infer.constants import CLASSES, study_row_ids
+from rsna_infer.inference.engine import Predictor, predict
+from rsna_infer.models.random_weights import make_random_manifest
 from rsna_infer.output import OutputError
-from rsna_infer.predictor import Predictor, predict
-from rsna_infer.random_weights import make_random_manifest
-from rsna_infer.workers import named_children
+from rsna_infer.runtime.workers import named_children
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="signals and /proc are Linux's")
 
@@ -145,7 +145,7 @@ def test_a_study_that_kills_two_workers_gets_priors_and_never_runs_in_the_main_p
     assert rep["summary"]["fallback"] == 1 and rep["summary"]["studies_with_errors"] == 1
     assert [e["attempt"] for e in rep["faults"]["workers"]] == [1, 2]
     assert any(f"study {target}: a loading worker died on it 2 time(s)" in w for w in rep["warnings"])
-    from rsna_infer.manifest import load_manifest
+    from rsna_infer.models.manifest import load_manifest
 
     rows = df[df.row_id.str.startswith(f"{target}_")][list(CLASSES)].to_numpy()
     np.testing.assert_allclose(rows, load_manifest(man).priors.reshape(25, 3), atol=1e-12)
@@ -253,7 +253,7 @@ def _run(root, man, out, **kw):
 
 def _poison_replica(monkeypatch, replica: int, n_models: int, error: str) -> None:
     """Every model of replica ``replica`` raises ``error`` after its (passing) dummy forward."""
-    from rsna_infer import members
+    from rsna_infer.models import members
 
     real, calls = members.load_member, [0]
 
@@ -311,7 +311,7 @@ def test_out_of_memory_retry_runs_after_the_failed_attempt_is_freed(fam, root, t
 
 def test_path_and_config_mistakes_fail_before_any_model_is_built(fam, root, tmp_path, monkeypatch):
     from rsna_infer.io import NoStudiesError
-    from rsna_infer.manifest import ManifestError
+    from rsna_infer.models.manifest import ManifestError
 
     built = []
 
@@ -368,7 +368,7 @@ def test_the_safety_net_is_in_place_before_the_models_run(fam, root, tmp_path, m
 
     monkeypatch.setattr(Predictor, "run", run)
     df, _ = _run(root, man, tmp_path / "a")
-    from rsna_infer.manifest import load_manifest
+    from rsna_infer.models.manifest import load_manifest
 
     priors = load_manifest(man).priors.reshape(-1, 3)
     np.testing.assert_allclose(seen["csv"][list(CLASSES)].to_numpy(), np.tile(priors, (len(IDS), 1)), atol=1e-12)
@@ -383,7 +383,7 @@ def test_a_hung_device_is_given_up_and_the_run_still_writes_every_row(fam, root,
     with the reason, and the CSV is written."""
     import threading
 
-    from rsna_infer import devices
+    from rsna_infer.runtime import devices
 
     monkeypatch.setattr(devices, "CHUNK_TIMEOUT_FLOOR_S", 3.0)
     release = threading.Event()

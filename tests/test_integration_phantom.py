@@ -38,11 +38,11 @@ from rsna_infer.constants import (
 from rsna_infer.geometry import sample
 from rsna_infer.imaging import CANONICAL_AXES, orient, standardise, to_unit
 from rsna_infer.io import Study, Volume, discover_studies, load_study
-from rsna_infer.registry import make_family
+from rsna_infer.keypoints import KeypointSet, StudyKeypoints, truth_key
+from rsna_infer.models.registry import make_family
 from rsna_infer.specs import ModelEntry
 from rsna_infer.stage1.assemble import LATERAL_OFFSET_MM, finalize, merge_decoded
 from rsna_infer.stage1.axial_level import NONE_CLASS
-from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints, truth_key
 from rsna_infer.stage1.sag2d import FORAMEN_OFFSET_MM
 from rsna_infer.stage2.crops import CropInfo, view_of
 from rsna_infer.stage2.layout import points_mask

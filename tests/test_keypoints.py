@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints, point_index, truth_key
+from rsna_infer.keypoints import KeypointSet, StudyKeypoints, point_index, truth_key
 
 
 def _set(kind, conf, offset=0.0, source="a"):

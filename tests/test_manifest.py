@@ -6,11 +6,12 @@ import sys
 import numpy as np
 import pytest
 import torch
+from predict_fakes import fake_entries, use_fake_families
 from torch import nn
 
-from predict_fakes import fake_entries, use_fake_families
-from rsna_infer import cli, manifest as mf
-from rsna_infer.manifest import (
+from rsna_infer import cli
+from rsna_infer.models import manifest as mf
+from rsna_infer.models.manifest import (
     Manifest,
     ManifestError,
     export_model,
@@ -21,7 +22,7 @@ from rsna_infer.manifest import (
     save_manifest,
     sha256_file,
 )
-from rsna_infer.random_weights import make_random_manifest
+from rsna_infer.models.random_weights import make_random_manifest
 from rsna_infer.specs import ModelEntry
 
 
@@ -252,7 +253,7 @@ def test_verify_catches_an_architecture_mismatch(tmp_path, monkeypatch, capsys):
 
 
 def test_importing_the_manifest_module_does_not_import_torch():
-    code = "import sys, rsna_infer.manifest, rsna_infer.ensemble, rsna_infer.deadline; print('torch' in sys.modules)"
+    code = "import sys, rsna_infer.models.manifest, rsna_infer.models.ensemble, rsna_infer.runtime.deadline; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -265,8 +266,8 @@ def test_top_level_manifest_is_a_valid_competition_template():
     import timm
     import timm_3d
 
-    from rsna_infer.ensemble import member_weights
-    from rsna_infer.registry import make_family
+    from rsna_infer.models.ensemble import member_weights
+    from rsna_infer.models.registry import make_family
 
     path = Path(__file__).resolve().parents[1] / "weights_manifest.json"
     man = load_manifest(path, check_files=False)
@@ -351,7 +352,7 @@ def test_verify_fails_a_manifest_that_cannot_predict(tmp_path, monkeypatch, caps
 def test_hub_architecture_names_never_reach_timm(monkeypatch):
     import timm
 
-    from rsna_infer.backbones import create_backbone
+    from rsna_infer.models.backbones import create_backbone
 
     monkeypatch.setattr(timm, "create_model", lambda *a, **k: pytest.fail("timm was asked for a hub model"))
     with pytest.raises(ValueError, match="names a model hub entry"):

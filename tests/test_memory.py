@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from rsna_infer.memory import LiveBytes, MemberMemory, plan_memory, run_memory, usable_bytes
-from rsna_infer.members import LoadedMember, cast_weights, is_norm_layer, module_bytes
-from rsna_infer.random_weights import tiny_entries
-from rsna_infer.registry import make_family
+from rsna_infer.models.members import LoadedMember, cast_weights, is_norm_layer, module_bytes
+from rsna_infer.models.random_weights import tiny_entries
+from rsna_infer.models.registry import make_family
+from rsna_infer.runtime.memory import LiveBytes, MemberMemory, plan_memory, run_memory, usable_bytes
 
 MB = 2**20
 

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from rsna_infer.models.registry import family_class
 from rsna_infer.options import ExtraOptions, Options, markdown_table, option
-from rsna_infer.registry import family_class
 from rsna_infer.specs import FAMILIES, SpecError
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"

@@ -6,17 +6,17 @@ import logging
 
 import numpy as np
 import pandas as pd
+import predict_fakes as fakes
 import pytest
 import torch
-
-import predict_fakes as fakes
 from predict_fakes import fake_entries, use_fake_families, write_fake_root
+
 from rsna_infer import cli
-from rsna_infer import manifest as mf
 from rsna_infer.constants import study_row_ids
-from rsna_infer.manifest import ManifestError, load_manifest
-from rsna_infer.predictor import Predictor, predict
-from rsna_infer.random_weights import make_random_manifest
+from rsna_infer.inference.engine import Predictor, predict
+from rsna_infer.models import manifest as mf
+from rsna_infer.models.manifest import ManifestError, load_manifest
+from rsna_infer.models.random_weights import make_random_manifest
 
 IDS = [11, 12, 13, 14, 15, 16, 17]
 KEEP = lambda study, kp: kp  # noqa: E731  (stage-1 finalize: the fakes need none)
@@ -226,7 +226,7 @@ def test_cli_predict(fam, root, tmp_path, capsys):
     man = _manifest(tmp_path)
     out = tmp_path / "cli" / "sub.csv"
     monkey_finalize = {"finalize": KEEP}
-    import rsna_infer.predictor as P
+    import rsna_infer.inference.engine as P
 
     orig = P._default_finalize
     P._default_finalize = lambda: monkey_finalize["finalize"]
@@ -244,7 +244,7 @@ def test_cli_predict(fam, root, tmp_path, capsys):
 
 
 def test_an_unexpected_error_mid_run_still_writes_a_valid_submission(fam, root, tmp_path, monkeypatch):
-    import rsna_infer.streaming as streaming
+    import rsna_infer.runtime.streaming as streaming
 
     real_take = streaming.StudyStream.take
     calls = []
@@ -315,7 +315,7 @@ def test_a_budget_already_spent_gives_priors_with_a_log_line_and_a_shed_entry(fa
 
 
 def test_workers_that_cannot_start_move_loading_in_process(fam, root, tmp_path, monkeypatch):
-    import rsna_infer.streaming as streaming
+    import rsna_infer.runtime.streaming as streaming
 
     def broken(threads):
         raise RuntimeError("no worker can start here")
@@ -328,7 +328,7 @@ def test_workers_that_cannot_start_move_loading_in_process(fam, root, tmp_path, 
 
 
 def test_a_study_that_hurt_a_worker_is_never_loaded_in_process():
-    from rsna_infer.streaming import StudyStream
+    from rsna_infer.runtime.streaming import StudyStream
 
     class Ref:
         study_id = 5
@@ -372,7 +372,7 @@ def test_a_fold_group_collates_and_copies_each_batch_once(fam, root, tmp_path, m
 
 def test_streamed_members_match_resident_and_a_member_that_cannot_be_loaded_costs_only_its_output(
         fam, root, tmp_path, monkeypatch):
-    from rsna_infer.members import LoadedMember
+    from rsna_infer.models.members import LoadedMember
 
     man = _manifest(tmp_path)
     resident, _ = _run(root, man, tmp_path / "a", chunk_size=3)

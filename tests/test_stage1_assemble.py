@@ -13,7 +13,8 @@ from stage1_fixtures import (
     world_set,
 )
 
-from rsna_infer.registry import make_family
+from rsna_infer.keypoints import KeypointSet, StudyKeypoints
+from rsna_infer.models.registry import make_family
 from rsna_infer.stage1.assemble import (
     DEFAULT_PREFER,
     LATERAL_OFFSET_MM,
@@ -23,8 +24,6 @@ from rsna_infer.stage1.assemble import (
     merge_sagittal,
     projection_set,
 )
-from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints
-
 
 
 def test_point_at_known_voxel_lands_in_the_right_slice_of_another_series():

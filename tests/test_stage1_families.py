@@ -8,11 +8,10 @@ from torch import nn
 
 from rsna_infer.constants import AXIAL_T2, SAG_T1, SAG_T2
 from rsna_infer.imaging import source_slice_index
-from rsna_infer.registry import make_family
+from rsna_infer.keypoints import StudyKeypoints, truth_key
+from rsna_infer.models.registry import make_family
 from rsna_infer.specs import SpecError
 from rsna_infer.stage1.axial_level import NONE_CLASS
-from rsna_infer.stage1.keypoints import StudyKeypoints, truth_key
-
 
 E3D = dict(arch="mobilenetv2_035", size=(16, 64, 64))
 
@@ -381,8 +380,8 @@ def test_axial_level_padding_to_a_bucket_leaves_each_stack_s_output_unchanged():
     """The predictor batches level-classifier stacks of different lengths together, padded to
     a length bucket (`length_axis`): the slice mask makes every real slice's output the same
     as with the stack alone (up to float rounding), and the padded tail is cut off."""
-    from rsna_infer.family import Sample
-    from rsna_infer.predictor import batches_by_shape, length_bucket
+    from rsna_infer.inference.engine import batches_by_shape, length_bucket
+    from rsna_infer.models.family import Sample
 
     fam = make_family(_entries()["axial_level"])
     assert fam.length_axis == ("image", 0)

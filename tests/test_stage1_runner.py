@@ -6,9 +6,8 @@ import torch
 from stage1_fixtures import axial, entry, sagittal, study_of
 
 from rsna_infer.constants import SAG_T1
-from rsna_infer.registry import make_family
+from rsna_infer.models.registry import make_family
 from rsna_infer.stage1.runner import predict_keypoints, run_folds
-
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,8 @@ from stage1_fixtures import (
     world_set,
 )
 
-from rsna_infer.registry import make_family
-from rsna_infer.stage1.keypoints import StudyKeypoints, truth_key
-
+from rsna_infer.keypoints import StudyKeypoints, truth_key
+from rsna_infer.models.registry import make_family
 
 
 def _train(fam, items, steps=12, lr=3e-3):

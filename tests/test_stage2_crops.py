@@ -5,8 +5,8 @@ import pytest
 
 from rsna_infer.constants import AXIAL_T2, SAG_T2
 from rsna_infer.io.volume import Study, Volume
+from rsna_infer.keypoints import KeypointSet
 from rsna_infer.specs import NormSpec
-from rsna_infer.stage1.keypoints import KeypointSet
 from rsna_infer.stage2.augment import CropAugment
 from rsna_infer.stage2.crops import crop_2d5, crop_at_world, locate_point, locate_world, view_of
 

@@ -6,14 +6,13 @@ import torch
 
 from rsna_infer.constants import AXIAL_T2, CONDITIONS, LEVELS, LR_SWAP, SAG_T1, SAG_T2, TARGETS
 from rsna_infer.io.volume import Study, Volume
-from rsna_infer.registry import make_family
+from rsna_infer.keypoints import KeypointSet, StudyKeypoints, truth_key
+from rsna_infer.models.registry import make_family
 from rsna_infer.specs import ModelEntry, SpecError
-from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints, truth_key
 from rsna_infer.stage2.fusion import FusionFamily
 from rsna_infer.stage2.layout import point_lr_perm, point_targets, points_mask, scatter_points, swap_lr
 from rsna_infer.stage2.roi import HEADS, RoiFamily
 from rsna_infer.stage2.tta import ViewAxes, mirror, mirror_sample, run_tta, tta_passes
-
 
 LEVEL_Z = np.array([42.0, 26.0, 10.0, -6.0, -22.0])  # cranial -> caudal, on axial slices
 SAG_IOP = ((0.0, 1.0, 0.0), (0.0, 0.0, -1.0))

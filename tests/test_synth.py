@@ -33,7 +33,7 @@ from rsna_infer.constants import (
     TARGETS,
     study_row_ids,
 )
-from rsna_infer.stage1.keypoints import point_index
+from rsna_infer.keypoints import point_index
 from rsna_infer.synth import (
     CONDITION_KIND,
     GRADE_PRIORS,

@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 
 from rsna_infer.cli import main
-from rsna_infer.manifest import load_manifest
+from rsna_infer.models.manifest import load_manifest
 from rsna_infer.train.folds import split_id
 from rsna_infer.train.keypoint_store import keypoints_split, load_keypoints
 

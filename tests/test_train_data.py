@@ -11,7 +11,7 @@ from rsna_infer.constants import (
     TARGETS,
 )
 from rsna_infer.io.volume import Study, Volume
-from rsna_infer.stage1.keypoints import point_index
+from rsna_infer.keypoints import point_index
 from rsna_infer.train.cache import (
     StudyCache,
     folder_fingerprint,

@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from rsna_infer.manifest import load_manifest
-from rsna_infer.members import load_member
-from rsna_infer.registry import make_family
+from rsna_infer.models.manifest import load_manifest
+from rsna_infer.models.members import load_member
+from rsna_infer.models.registry import make_family
 from rsna_infer.train.config import load_config
 from rsna_infer.train.data import TrainingData
 from rsna_infer.train.keypoint_store import load_keypoints

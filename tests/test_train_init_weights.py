@@ -14,8 +14,8 @@ from safetensors.torch import load_file, save_file
 from timm.models import adapt_input_conv
 from torch import nn
 
-from rsna_infer.backbones import create_backbone, find_backbones
-from rsna_infer.family import GradingFamily, Sample
+from rsna_infer.models.backbones import create_backbone, find_backbones
+from rsna_infer.models.family import GradingFamily, Sample
 from rsna_infer.train.data import TrainingData
 from rsna_infer.train.init_weights import InitError, init_backbones, load_into, read_state_dict
 from rsna_infer.train.trainer import train_fold
@@ -64,7 +64,7 @@ class BackboneGrader(GradingFamily):
 
 @pytest.fixture
 def backbone_family(monkeypatch):
-    from rsna_infer import registry
+    from rsna_infer.models import registry
 
     real = registry.family_class
     monkeypatch.setattr(registry, "family_class", lambda name: BackboneGrader if name == "roi" else real(name))
@@ -177,7 +177,7 @@ def test_inference_builds_never_pretrained(monkeypatch):
 def test_feature_map_backbone_starts_from_the_full_model_s_weights(arch):
     """The heatmap head's backbone (timm ``features_only``, module names flattened with '_'
     in place of the nesting dots) is found and loaded from a full model's checkpoint."""
-    from rsna_infer.backbones import create_feature_backbone
+    from rsna_infer.models.backbones import create_feature_backbone
 
     source = _imagenet_like(arch)
     net = nn.Sequential()

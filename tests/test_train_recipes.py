@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from rsna_infer.manifest import manifest_from_dict
+from rsna_infer.models.manifest import manifest_from_dict
 from rsna_infer.train.recipes import CONFIG_DIR, TEMPLATE, groups_of, load_recipes, main, template_text
 
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 import train_toys as T
 
-from rsna_infer.manifest import load_manifest
-from rsna_infer.members import load_member
-from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints
+from rsna_infer.keypoints import KeypointSet, StudyKeypoints
+from rsna_infer.models.manifest import load_manifest
+from rsna_infer.models.members import load_member
 from rsna_infer.train.data import TrainingData
 from rsna_infer.train.folds import SplitError, make_folds, save_folds, split_id
 from rsna_infer.train.keypoint_store import load_keypoints, save_keypoints
@@ -106,7 +106,7 @@ def test_epoch_reaches_persistent_workers(toy_families, data):
     """Augmentation differs per epoch even though worker processes keep their dataset copy."""
     from torch.utils.data import DataLoader
 
-    from rsna_infer.registry import make_family
+    from rsna_infer.models.registry import make_family
     from rsna_infer.train.samples import Collate, EpochIndices, EpochShuffle, StudyDataset
 
     fam = make_family(_cfg("sag2d", "t2").model_entry(0))

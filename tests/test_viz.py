@@ -13,13 +13,13 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
-import pytest
-
 import predict_fakes as fakes
+import pytest
 from predict_fakes import fake_entries, use_fake_families, write_fake_root
+
 from rsna_infer import cli, predict
 from rsna_infer.demo import check_demo_weights
-from rsna_infer.random_weights import make_random_manifest
+from rsna_infer.models.random_weights import make_random_manifest
 from rsna_infer.viz import VizUnavailable
 from rsna_infer.viz import rank as R
 from rsna_infer.viz.draw import LEVEL_COLOURS
@@ -104,7 +104,7 @@ def test_entropy_and_keypoint_confidence_are_normalised():
     mixed[1:] = 1 / 3  # uncovered targets (priors) do not count
     assert R.predictive_entropy(mixed, cov) == pytest.approx(0.0, abs=1e-9)
 
-    from rsna_infer.stage1.keypoints import KeypointSet, StudyKeypoints
+    from rsna_infer.keypoints import KeypointSet, StudyKeypoints
 
     kp = StudyKeypoints(1)
     assert R.keypoint_confidence(kp) is None
@@ -115,7 +115,7 @@ def test_entropy_and_keypoint_confidence_are_normalised():
 
 
 def test_tiers_order_before_uncertainty():
-    from rsna_infer.report import StudyRecord
+    from rsna_infer.inference.report import StudyRecord
 
     probs = np.full((5, 5, 3), 1 / 3)
     cov = np.ones((5, 5), bool)
@@ -196,7 +196,7 @@ def test_qa_worst_writes_exactly_n_pages_of_the_worst(run, n, request):
 def test_tiny_run_pictures_every_view_with_exact_geometry(tiny_qa, phantom_test_root):
     """Every mark of every picture (2-D channels and resampled 3-D slices) sits where the
     keypoint's patient coordinate lands in that model input."""
-    from rsna_infer.manifest import load_manifest
+    from rsna_infer.models.manifest import load_manifest
 
     rep = json.loads((tiny_qa / "run_report.json").read_text())
     sizes = {f"{e.family}/{e.variant}": tuple(e.input.size[-2:]) for e in load_manifest(tiny_qa / "man" / "weights_manifest.json").models}
@@ -226,7 +226,7 @@ def test_tiny_run_pictures_every_view_with_exact_geometry(tiny_qa, phantom_test_
 
 @pytest.mark.slow
 def test_demo_markers_land_on_their_keypoint_pixels(demo_qa, phantom_test_root):
-    from rsna_infer.manifest import load_manifest
+    from rsna_infer.models.manifest import load_manifest
 
     rep = json.loads((demo_qa / "run_report.json").read_text())
     sizes = {f"{e.family}/{e.variant}": tuple(e.input.size[-2:]) for e in load_manifest(check_demo_weights()).models}
@@ -268,7 +268,7 @@ def test_cli_show_draws_the_ground_truth(phantom_train, tmp_path, capsys):
     assert (out / "submission.csv").is_file() and (out / "index.html").is_file()
     _check_links(out)
     d = json.loads((out / f"study_{sid}" / "qa.json").read_text())
-    from rsna_infer.manifest import load_manifest
+    from rsna_infer.models.manifest import load_manifest
 
     sizes = {f"{e.family}/{e.variant}": tuple(e.input.size[-2:]) for e in load_manifest(check_demo_weights()).models}
     study = _load(root, sid, "train")
@@ -395,7 +395,7 @@ def test_show_an_unknown_study_is_a_clear_error(fam, fake_root, tmp_path, capsys
 
 
 def test_cli_predict_writes_qa_pages(fam, fake_root, tmp_path, monkeypatch, capsys):
-    import rsna_infer.predictor as P
+    import rsna_infer.inference.engine as P
 
     monkeypatch.setattr(P, "_default_finalize", lambda: KEEP)
     man = make_random_manifest(tmp_path / "man", fake_entries())

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from rsna_infer.workers import PoolUnavailable, WorkerDied, WorkerPool, WorkerTaskError, WorkerTimeout, describe_exit
+from rsna_infer.runtime.workers import PoolUnavailable, WorkerDied, WorkerPool, WorkerTaskError, WorkerTimeout, describe_exit
 
 METHODS = ["fork", "spawn"] if sys.platform.startswith("linux") else ["spawn"]
 
@@ -152,7 +152,7 @@ def arrays(n: int) -> dict:
 def test_large_arrays_come_back_through_shared_memory_equal_and_writable(method, monkeypatch):
     import numpy as np
 
-    import rsna_infer.workers as workers
+    import rsna_infer.runtime.workers as workers
 
     for shared in (True, False):
         if not shared:  # where memfd is missing the result goes through the socket

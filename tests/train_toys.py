@@ -19,11 +19,11 @@ import pandas as pd
 import torch
 from torch import nn
 
-from rsna_infer import registry
 from rsna_infer.constants import SAG_T2, TARGETS
-from rsna_infer.family import GradingFamily, KeypointFamily, Sample
 from rsna_infer.io.volume import Study, Volume
-from rsna_infer.stage1.keypoints import KeypointSet
+from rsna_infer.keypoints import KeypointSet
+from rsna_infer.models import registry
+from rsna_infer.models.family import GradingFamily, KeypointFamily, Sample
 from rsna_infer.train.config import TrainConfig
 
 H, W = 12, 16

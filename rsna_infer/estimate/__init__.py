@@ -77,7 +77,7 @@ def estimate(
     run of ``n_studies`` on ``gpus`` x ``gpu`` with ``cpus`` CPUs. ``measure_cpu``: decode
     ``cpu_studies`` phantom studies of ``cpu_image_size`` px to measure the decode rate.
     ``batch_size``: the predictor's batch on the card (32 on CUDA), for the device memory."""
-    from ..manifest import Manifest, load_manifest
+    from ..models.manifest import Manifest, load_manifest
 
     man = manifest if isinstance(manifest, Manifest) else load_manifest(manifest, check_files=False)
     cal = calibration if isinstance(calibration, Calibration) or calibration is None else Calibration.load(calibration)
@@ -162,7 +162,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..manifest import ManifestError, resolve_manifest_path
+    from ..models.manifest import ManifestError, resolve_manifest_path
 
     try:
         path, is_demo = resolve_manifest_path(args.manifest)

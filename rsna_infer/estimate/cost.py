@@ -18,19 +18,19 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..groups import preparation_groups
-from ..registry import make_family
+from ..models.prep_groups import preparation_groups
+from ..models.registry import make_family
+from ..runtime.memory import RunMemory, batch_bytes, run_memory
 from ..specs import ModelEntry
-from ..memory import RunMemory, batch_bytes, run_memory
 from .flops import CallFlops, count_run
 from .host import DecodeRate, StageTime, measure_decode, one_torch_thread, timed
 from .typical import StudyGeometry, keypoints_in, typical_study, typical_world_points
 
 if TYPE_CHECKING:
-    from ..family import Family, Sample
     from ..io import Study
-    from ..stage1.keypoints import StudyKeypoints
-    from ..manifest import Manifest
+    from ..keypoints import StudyKeypoints
+    from ..models.family import Family, Sample
+    from ..models.manifest import Manifest
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ def cost_manifest(
     ``measure_cpu``: also decode ``cpu_studies`` phantom studies of ``cpu_image_size`` px
     (written to a temporary folder) to measure the decode rate; preparation is always timed
     (it runs anyway to get the samples). ``memory_batch``: also replay each distinct model at
-    that many samples of its largest input shape for its device memory (`rsna_infer.memory`;
+    that many samples of its largest input shape for its device memory (`rsna_infer.runtime.memory`;
     None: skip). ``count_flops=False`` skips the FLOP count (the predictor's memory plan). No
     weight file is read.
     """
@@ -214,7 +214,7 @@ def _typical_studies(entries: list[ModelEntry], families: dict[str, "Family"], g
 
 def _preparation_costs(entries: list[ModelEntry], families: dict[str, "Family"], studies: list,
                        notes: list[str]) -> tuple[dict[str, PrepCost], dict[str, list], dict[str, str]]:
-    """Per preparation group (the predictor's own, `rsna_infer.groups`): its CPU time and the
+    """Per preparation group (the predictor's own, `rsna_infer.models.prep_groups`): its CPU time and the
     samples it makes of each typical study (with the study's weight); the group of each member."""
     preps: dict[str, PrepCost] = {}
     samples: dict[str, list[tuple[list[Sample], float]]] = {}

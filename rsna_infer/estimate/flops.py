@@ -10,7 +10,7 @@ of one sample, without doing the arithmetic:
    (``pretrained=False``) and run on real tensors, but every operator that
    ``FlopCounterMode`` counts (convolutions, matrix products, attention), and the
    floating-point work downstream of one, is answered with zeros of the right shape instead
-   of being computed (`_ShapeOnly`). What decides shapes (masks, lengths) runs for real.
+   of being computed (`ShapeOnly`). What decides shapes (masks, lengths) runs for real.
 
 Counted: convolutions, matmuls, attention (the CPU flash-attention kernel is mapped to the
 same formula as the CUDA ones). Not counted: element-wise layers, normalisation, pooling,
@@ -34,7 +34,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..family import Family
+    from ..models.family import Family
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def _sdpa_cpu_flops() -> dict[Any, Callable[..., int]]:
     return {op: count}
 
 
-class _ShapeOnly(TorchDispatchMode):
+class ShapeOnly(TorchDispatchMode):
     """Shapes without arithmetic, on real CPU tensors.
 
     Every FLOP-counted operator is answered with zeros of its output shape (worked out on meta
@@ -171,12 +171,12 @@ def count_run(
                          family.entry.name, type(e).__name__, (str(e).splitlines() or [""])[0][:120])
         model = family.build().eval()
     counted = flop_registry_ops()
-    flops = _run_counted(family, model, batch, custom, shape_only=_ShapeOnly(counted))
+    flops = _run_counted(family, model, batch, custom, shape_only=ShapeOnly(counted))
     return CallFlops(*flops, method="shape-only"), _params(model), model
 
 
 def _run_counted(family: "Family", model: "nn.Module", batch: dict, custom: dict,
-                 shape_only: _ShapeOnly | None) -> tuple[float, float, int]:
+                 shape_only: ShapeOnly | None) -> tuple[float, float, int]:
     calls, handle = _count_calls(model)
     try:
         counter = FlopCounterMode(display=False, custom_mapping=custom)

@@ -1,7 +1,7 @@
 """Host-side measurements: wall and CPU seconds of decoding and preparation.
 
 CPU seconds come from ``time.process_time`` (every thread of this process), measured with one
-torch thread as the loading workers run (`rsna_infer.streaming`), so a figure divides by the
+torch thread as the loading workers run (`rsna_infer.runtime.streaming`), so a figure divides by the
 number of CPUs that share the work. Other jobs on a shared machine inflate wall seconds far
 more than CPU seconds; the estimate uses CPU seconds.
 """

@@ -1,8 +1,8 @@
 """From per-study costs to hours: device time per GPU kind, host time on N CPUs, the verdict
 against the Kaggle limit and the shedding advice (the deadline guard's own ladder).
 
-Model of the run loop (`rsna_infer.predictor`): loading workers (``min(4, cpus - 1)``, the
-predictor's default, `rsna_infer.groups.default_num_workers`) decode each study and run the
+Model of the run loop (`rsna_infer.inference.engine`): loading workers (``min(4, cpus - 1)``, the
+predictor's default, `rsna_infer.models.prep_groups.default_num_workers`) decode each study and run the
 keypoint-free stage-1 preparation; each device thread runs the models of its chunks. The
 preparation that needs keypoints runs in the main process: a stage-1 group that refines
 keypoints (axial xy) between the forwards of its device thread, the stage-2 crops on a CPU
@@ -29,10 +29,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..deadline import Plan, build_ladder, default_reserve_s
-from ..groups import default_num_workers
-from ..streaming import default_read_ahead
-from ..memory import CUDA_CONTEXT_BYTES, MemoryPlan, member_memory, plan_memory, usable_bytes
+from ..models.prep_groups import default_num_workers
+from ..runtime.deadline import Plan, build_ladder, default_reserve_s
+from ..runtime.memory import CUDA_CONTEXT_BYTES, MemoryPlan, member_memory, plan_memory, usable_bytes
+from ..runtime.streaming import default_read_ahead
 from .cost import EnsembleCost
 from .gpus import GPU_KINDS, Calibration, GpuKind
 
@@ -50,7 +50,7 @@ CHUNK_STUDIES = 16
 
 def loader_workers(cpus: int) -> int:
     """The predictor's default number of loading processes on a machine with ``cpus`` CPUs
-    (`rsna_infer.groups.default_num_workers`), at least one for the projection."""
+    (`rsna_infer.models.prep_groups.default_num_workers`), at least one for the projection."""
     return max(1, default_num_workers(cpus))
 
 

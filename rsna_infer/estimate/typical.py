@@ -19,7 +19,7 @@ import numpy as np
 
 from ..constants import AXIAL_T2, CONDITION_GROUP, CONDITION_SERIES_TYPE, CONDITIONS, N_LEVELS, SAG_T1, SAG_T2
 from ..io.volume import Study, Volume
-from ..stage1.keypoints import POINT_KINDS, KeypointSet, StudyKeypoints
+from ..keypoints import POINT_KINDS, KeypointSet, StudyKeypoints
 
 #: Series type each keypoint kind lives on (from the condition -> series contract).
 KIND_SERIES: dict[str, str] = {CONDITION_GROUP[c]: CONDITION_SERIES_TYPE[c] for c in CONDITIONS}

@@ -31,11 +31,11 @@ import numpy as np
 
 from ..constants import AXIAL_T2, N_LEVELS
 from ..imaging import view_alignment
-from .keypoints import KeypointSet, StudyKeypoints
+from ..keypoints import KeypointSet, StudyKeypoints
 
 if TYPE_CHECKING:
-    from ..family import KeypointFamily
     from ..io.volume import Study, Volume
+    from ..models.family import KeypointFamily
 
 logger = logging.getLogger(__name__)
 

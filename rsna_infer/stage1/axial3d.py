@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..constants import AXIAL_T2
-from .common import VolumePointFamily
+from .base import VolumePointFamily
 
 
 class Axial3dFamily(VolumePointFamily):

@@ -26,9 +26,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 
-from ..backbones import create_backbone
 from ..constants import AXIAL_T2, N_LEVELS
-from ..family import Sample
 from ..imaging import (
     LATERAL_AXIS,
     canonical_slice_index,
@@ -38,10 +36,12 @@ from ..imaging import (
     source_slice_index,
     view_alignment,
 )
+from ..keypoints import KeypointSet, StudyKeypoints, truth_key
+from ..models.backbones import create_backbone
+from ..models.family import Sample
 from ..options import ExtraOptions, Options, option
 from ..specs import SpecError
-from .common import MIN_VIEW_ALIGNMENT, PerStackFamily, PointFamily, Stage1Family
-from .keypoints import KeypointSet, StudyKeypoints, truth_key
+from .base import MIN_VIEW_ALIGNMENT, PerStackFamily, PointFamily, Stage1Family
 
 if TYPE_CHECKING:
     import torch

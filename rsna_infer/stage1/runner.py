@@ -12,16 +12,16 @@ from typing import TYPE_CHECKING, Union
 
 import numpy as np
 
+from ..keypoints import StudyKeypoints
 from ..specs import STAGE1_FAMILIES
 from .assemble import finalize as _finalize
 from .assemble import merge_decoded
-from .keypoints import StudyKeypoints
 
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..family import KeypointFamily
     from ..io.volume import Study
+    from ..models.family import KeypointFamily
 
 logger = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ from typing import TYPE_CHECKING, ClassVar
 import numpy as np
 
 from ..constants import N_LEVELS, SAG_T1, SAG_T2
-from ..family import Sample
 from ..imaging import prepare_slices
+from ..keypoints import KeypointSet, StudyKeypoints, truth_key
+from ..models.family import Sample
 from ..options import ExtraOptions, Options, option
 from ..specs import SpecError
-from .common import PerStackFamily, PointFamily, PointOptions
-from .keypoints import KeypointSet, StudyKeypoints, truth_key
+from .base import PerStackFamily, PointFamily, PointOptions
 
 if TYPE_CHECKING:
     from ..io.volume import Study, Volume

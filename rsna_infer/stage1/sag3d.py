@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 from ..constants import SAG_T1, SAG_T2
-from .common import VolumePointFamily
+from .base import VolumePointFamily
 
 
 class Sag3dFamily(VolumePointFamily):

@@ -10,11 +10,11 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..family import GradingFamily, Sample
 from ..imaging import volume_bounds
+from ..keypoints import POINT_KINDS
+from ..models.family import GradingFamily, Sample
 from ..options import Options, option
 from ..specs import ModelEntry, SpecError
-from ..stage1.keypoints import POINT_KINDS
 from .augment import CropAugment
 from .crops import CropInfo, Located, crop_2d5
 from .layout import swap_lr_labels
@@ -25,8 +25,8 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..io.volume import Volume
+    from ..keypoints import KeypointSet, StudyKeypoints
     from ..specs import NormSpec
-    from ..stage1.keypoints import KeypointSet, StudyKeypoints
 
 logger = logging.getLogger(__name__)
 

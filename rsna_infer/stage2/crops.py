@@ -37,8 +37,8 @@ from ..imaging import Orientation, interpolate_slices, orient, resize_slices, st
 
 if TYPE_CHECKING:
     from ..io.volume import Study, Volume
+    from ..keypoints import KeypointSet
     from ..specs import NormSpec
-    from ..stage1.keypoints import KeypointSet
 
 logger = logging.getLogger(__name__)
 

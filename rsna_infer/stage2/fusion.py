@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import create_backbone
 from ..constants import AXIAL_T2, LEVEL_TO_COORD_LEVEL, LEVELS, LR_SWAP, N_CLASSES, N_CONDITIONS, N_LEVELS, SAG_T1, SAG_T2
-from ..family import Sample
+from ..keypoints import RULE_SLICE_SETS, slice_source
+from ..models.backbones import create_backbone
+from ..models.family import Sample
 from ..options import ExtraOptions, Options, option
 from ..stage1.assemble import DEFAULT_PREFER
-from ..stage1.keypoints import RULE_SLICE_SETS, slice_source
 from ..stage1.sag2d import sample_positions
 from .base import GradingBase, GradingOptions
 from .crops import Located, locate_point
@@ -53,7 +53,7 @@ from .tta import ViewAxes
 
 if TYPE_CHECKING:
     from ..io.volume import Study, Volume
-    from ..stage1.keypoints import KeypointSet, StudyKeypoints
+    from ..keypoints import KeypointSet, StudyKeypoints
 
 logger = logging.getLogger(__name__)
 

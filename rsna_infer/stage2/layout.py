@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..constants import CONDITIONS, LR_SWAP, N_CLASSES, N_CONDITIONS, N_LEVELS
-from ..stage1.keypoints import POINT_KINDS
+from ..keypoints import POINT_KINDS
 
 if TYPE_CHECKING:
     import torch

@@ -36,12 +36,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..backbones import create_backbone
 from ..constants import AXIAL_T2, N_CLASSES, N_LEVELS, SAG_T1, SAG_T2
-from ..family import Sample
+from ..keypoints import POINT_KINDS, KeypointSet
+from ..models.backbones import create_backbone
+from ..models.family import Sample
 from ..options import ExtraOptions, Options, option
 from ..stage1.assemble import DEFAULT_PREFER
-from ..stage1.keypoints import POINT_KINDS, KeypointSet
 from .base import GradingBase, GradingOptions
 from .crops import locate_point
 from .layers import ConditionGate, SliceSequenceEncoder, SliceStackEncoder
@@ -50,7 +50,7 @@ from .tta import ViewAxes
 
 if TYPE_CHECKING:
     from ..io.volume import Study
-    from ..stage1.keypoints import StudyKeypoints
+    from ..keypoints import StudyKeypoints
 
 logger = logging.getLogger(__name__)
 

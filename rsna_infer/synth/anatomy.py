@@ -195,7 +195,7 @@ class Anatomy:
         return 0.55 * self.canal_half_width + 3.0, -0.3 * self.canal_half_ap
 
     def keypoints(self) -> dict[str, np.ndarray]:
-        """Ground-truth patient points per kind, in `rsna_infer.stage1.keypoints` layout:
+        """Ground-truth patient points per kind, in `rsna_infer.keypoints` layout:
         spinal [5, 3] (canal centre at each disc), foraminal and subarticular [10, 3]
         (index side * 5 + level, left side first)."""
         disc = self.disc_centre[list(GRADED_DISCS)]

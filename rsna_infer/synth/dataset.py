@@ -511,10 +511,10 @@ def _write_csvs(
 
 def load_keypoints_world(root: str | Path, split: str = "train") -> dict[int, dict[str, np.ndarray]]:
     """Read ``{split}_keypoints_world.csv`` -> ``{study_id: {kind: [N, 3] patient mm}}`` in the
-    `rsna_infer.stage1.keypoints` layout (spinal [5, 3]; foraminal/subarticular [10, 3],
+    `rsna_infer.keypoints` layout (spinal [5, 3]; foraminal/subarticular [10, 3],
     index side * 5 + level, left first)."""
     from ..constants import COORD_LEVEL_TO_LEVEL
-    from ..stage1.keypoints import POINT_KINDS, point_index
+    from ..keypoints import POINT_KINDS, point_index
 
     df = pd.read_csv(Path(root) / f"{split}_keypoints_world.csv", keep_default_na=False)
     out: dict[int, dict[str, np.ndarray]] = {}

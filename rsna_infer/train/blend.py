@@ -1,7 +1,7 @@
 """``rsna-infer fit-blend``: per-condition-group blend weights fitted on out-of-fold logits.
 
 The predictor blends member logits per group with weights, renormalised over the members
-that cover a target, then takes the softmax (`rsna_infer.ensemble.blend_logits`). This
+that cover a target, then takes the softmax (`rsna_infer.models.ensemble.blend_logits`). This
 module fits those weights on the stage-2 runs' out-of-fold files (``oof_f*.npz``) by
 minimising the competition metric (`rsna_infer.metric.score_arrays`) of exactly that blend.
 
@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
-from ..ensemble import blend_logits
 from ..metric import COMPONENTS, score_arrays
+from ..models.ensemble import blend_logits
 from ..submission import priors_from_labels
 from .evaluate import covered_groups
 from .folds import check_same_split
@@ -287,7 +287,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..manifest import ManifestError, load_manifest, save_manifest
+    from ..models.manifest import ManifestError, load_manifest, save_manifest
     from .manifests import member_name, set_blend_weights
 
     try:

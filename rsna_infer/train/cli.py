@@ -74,12 +74,12 @@ def _folds_to_run(fold: int | None, folds: list[int]) -> list[int]:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from ..models.manifest import ManifestError
     from .data import DataError
     from .folds import SplitError
     from .init_weights import InitError
     from .trainer import TrainError
     from .validation import ValidationError
-    from ..manifest import ManifestError
 
     return ConfigError, DataError, SplitError, InitError, TrainError, ValidationError, ManifestError, FileNotFoundError
 
@@ -125,7 +125,7 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from ..manifest import load_manifest
+    from ..models.manifest import load_manifest
     from .manifests import merge_manifests
 
     if args.out is None:
@@ -137,7 +137,7 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 2
     man = load_manifest(path)
-    from ..manifest import demo_entries
+    from ..models.manifest import demo_entries
 
     demo = demo_entries(man)
     print(f"merged {len(args.merge)} manifest(s): {len(man.stage1)} stage-1 and {len(man.stage2)} stage-2 model(s), "

@@ -190,7 +190,7 @@ class TrainConfig:
     def _check_family(self) -> None:
         """Let the family reject its variant/kwargs and build the network once (cheap for
         the configs we ship; catches a wrong arch name before any data is read)."""
-        from ..registry import make_family
+        from ..models.registry import make_family
 
         try:
             family = make_family(self.model_entry(0))

@@ -31,7 +31,7 @@ from ..constants import (
     label_to_class,
 )
 from ..io.volume import Study, Volume
-from ..stage1.keypoints import (
+from ..keypoints import (
     POINT_KINDS,
     KeypointSet,
     StudyKeypoints,

@@ -9,9 +9,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..constants import GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
-from ..ensemble import blend_logits
+from ..keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
+from ..models.ensemble import blend_logits
 from ..stage1.assemble import preferred_best
-from ..stage1.keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
 
 if TYPE_CHECKING:
     from ..io.volume import Study

@@ -15,7 +15,7 @@ backbone's initial weights come from:
                            axial encoder has another ``axial_arch``); unlisted archs: random
 =========================  ==========================================================
 
-Loading goes by key and shape, into every backbone `rsna_infer.backbones.find_backbones`
+Loading goes by key and shape, into every backbone `rsna_infer.models.backbones.find_backbones`
 finds in the family's network, and is reported strictly (`InitReport`): what was loaded,
 what was *adapted* as timm does it (the first convolution of a model with another number of
 input channels, `timm.models.adapt_input_conv`; 2-D kernels inflated to a 3-D model's, as
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from ..backbones import BackboneInfo
+    from ..models.backbones import BackboneInfo
 
 logger = logging.getLogger(__name__)
 
@@ -312,7 +312,7 @@ def load_into(
 def init_backbones(model: "nn.Module", spec: PretrainedSpec) -> list[InitReport]:
     """Start every backbone of ``model`` from its source in ``spec`` (see the module
     docstring); log and return one report per backbone that was initialised."""
-    from ..backbones import find_backbones
+    from ..models.backbones import find_backbones
 
     if spec is None:
         return []
@@ -320,7 +320,7 @@ def init_backbones(model: "nn.Module", spec: PretrainedSpec) -> list[InitReport]
     cache: dict[str, tuple[dict, str, tuple[str, ...]]] = {}
     backbones = find_backbones(model)
     if not backbones:
-        raise InitError("the network holds no backbone built by rsna_infer.backbones.create_backbone; "
+        raise InitError("the network holds no backbone built by rsna_infer.models.backbones.create_backbone; "
                         "'pretrained' has nothing to initialise")
     for path, module, info in backbones:
         src = source_for(spec, info.arch)

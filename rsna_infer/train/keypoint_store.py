@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..stage1.keypoints import KeypointSet, StudyKeypoints
+from ..keypoints import KeypointSet, StudyKeypoints
 
 _FIELDS = ("world", "voxel", "series_id", "stack_index", "confidence")
 

@@ -8,7 +8,7 @@ writes the blend into it and ``build_wheel.sh DIR OUT`` takes it as is. The inpu
 from one fold split (checked by id).
 
 A *member* of the ensemble is one config (``name``); its folds are the entries
-``{name}_f{k}``. The blend (`rsna_infer.ensemble`) weighs every entry, so a member's weight
+``{name}_f{k}``. The blend (`rsna_infer.models.ensemble`) weighs every entry, so a member's weight
 in a group is spread evenly over its fold entries: a 5-fold member and a 1-fold member with
 equal fitted weights count equally.
 """
@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import GROUPS
-from ..manifest import Manifest, ManifestError, demo_entries, load_manifest, save_manifest
+from ..models.manifest import Manifest, ManifestError, demo_entries, load_manifest, save_manifest
 from ..specs import ModelEntry
 from .folds import check_same_split
 

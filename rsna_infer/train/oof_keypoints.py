@@ -22,13 +22,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..family import KeypointFamily
-from ..manifest import Manifest, load_manifest
-from ..specs import ModelEntry
-from ..members import LoadedMember, load_member
-from ..specs import STAGE1_FAMILIES
+from ..keypoints import StudyKeypoints
+from ..models.family import KeypointFamily
+from ..models.manifest import Manifest, load_manifest
+from ..models.members import LoadedMember, load_member
+from ..specs import STAGE1_FAMILIES, ModelEntry
 from ..stage1.assemble import finalize, merge_decoded
-from ..stage1.keypoints import StudyKeypoints
 from .data import TrainingData
 from .distributed import default_device
 from .folds import check_same_split, load_folds, split_id

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from ..constants import GROUPS
-from ..manifest import Manifest
+from ..models.manifest import Manifest
 from ..specs import FAMILIES, ModelEntry
 from .config import TrainConfig, load_config
 

@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import Dataset
 
 from ..constants import N_CONDITIONS, N_LEVELS
-from ..family import Family, GradingFamily, KeypointFamily, Sample
-from ..stage1.keypoints import StudyKeypoints
+from ..keypoints import StudyKeypoints
+from ..models.family import Family, GradingFamily, KeypointFamily, Sample
 from .data import TrainingData
 
 logger = logging.getLogger(__name__)

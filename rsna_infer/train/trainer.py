@@ -42,11 +42,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..family import Family, GradingFamily, KeypointFamily
-from ..manifest import Manifest, export_model, load_manifest, save_manifest
-from ..registry import make_family
+from ..keypoints import StudyKeypoints
+from ..models.family import Family, GradingFamily, KeypointFamily
+from ..models.manifest import Manifest, export_model, load_manifest, save_manifest
+from ..models.registry import make_family
 from ..specs import ModelEntry
-from ..stage1.keypoints import StudyKeypoints
 from ..submission import priors_from_labels
 from . import distributed as D
 from .checkpoint import FoldFiles, comparable_config

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..family import Family, KeypointFamily
-from ..stage1.keypoints import KeypointSet, StudyKeypoints
+from ..keypoints import KeypointSet, StudyKeypoints
+from ..models.family import Family, KeypointFamily
 from .config import TrainConfig
 from .data import TrainingData
 from .evaluate import LogitAccumulator, keypoint_errors, score_logits, summarise_errors

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import CLASS_TO_LABEL, CONDITIONS, LEVEL_TO_COORD_LEVEL, LEVELS, N_LEVELS, SIDES, study_row_ids
-from ..report import _json_default
+from ..inference.report import json_default
 from .rank import TIER_NAMES, StudyScore, score_record
 
 if TYPE_CHECKING:
@@ -386,7 +386,7 @@ def write_pages(collector: "QACollector", report: dict[str, Any], report_path: s
                 "points": cap.points, "sets": cap.sets, "notes": cap.notes,
             }
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "qa.json").write_text(json.dumps(sidecar, indent=1, default=_json_default) + "\n", encoding="utf-8")
+            (folder / "qa.json").write_text(json.dumps(sidecar, indent=1, default=json_default) + "\n", encoding="utf-8")
     (qa / "ranking.json").write_text(json.dumps([{**s.to_dict(), "page": pages.get(s.study_id)} for s in ranked], indent=1) + "\n")
     links["ranking.json"] = "ranking.json"
     index = qa / "index.html"

@@ -31,8 +31,8 @@ from ..constants import N_CLASSES, N_CONDITIONS, N_LEVELS
 from ..stage1.assemble import preferred_best
 
 if TYPE_CHECKING:
-    from ..report import StudyRecord
-    from ..stage1.keypoints import StudyKeypoints
+    from ..inference.report import StudyRecord
+    from ..keypoints import StudyKeypoints
 
 TIER_NAMES: dict[int, str] = {3: "fallback", 2: "errors", 1: "partial", 0: "ok"}
 KINDS: tuple[str, ...] = ("spinal", "foraminal", "subarticular")

@@ -23,8 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..manifest import ManifestError
-    from ..predictor import predict
+    from ..inference.engine import predict
+    from ..models.manifest import ManifestError
     from . import VizUnavailable
 
     out: Path = args.out

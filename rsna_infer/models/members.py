@@ -16,7 +16,7 @@ them in half precision loses, for tests).
 
 Residency: a member is *resident* (its weights on the device for the whole run) or
 *streamed*: its weights stay in (pinned) host memory and `LoadedMember.to_device` /
-`to_host` move them when the predictor runs it (`rsna_infer.memory` decides).
+`to_host` move them when the predictor runs it (`rsna_infer.runtime.memory` decides).
 """
 
 from __future__ import annotations
@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .constants import N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..constants import N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..specs import ModelEntry
 from .manifest import ManifestError, load_weights
 from .registry import make_family
-from .specs import ModelEntry
 
 if TYPE_CHECKING:
     import torch
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-#: ``precision=`` of `load_member` / `rsna_infer.predictor.Predictor`.
+#: ``precision=`` of `load_member` / `rsna_infer.inference.engine.Predictor`.
 PRECISIONS: tuple[str, ...] = ("auto", "fp32", "fp16")
 
 
@@ -66,10 +66,10 @@ class LoadedMember:
     @property
     def precision(self) -> str:
         """``"fp16 weights, fp16 autocast"``, ``"fp32"``... for the run report."""
-        w = _dtype_name(self.weight_dtype)
+        w = dtype_name(self.weight_dtype)
         if self.rounded_to is not None:
-            return f"fp32 (weights rounded to {_dtype_name(self.rounded_to)})"
-        return w if self.autocast_dtype is None else f"{w} weights, {_dtype_name(self.autocast_dtype)} autocast"
+            return f"fp32 (weights rounded to {dtype_name(self.rounded_to)})"
+        return w if self.autocast_dtype is None else f"{w} weights, {dtype_name(self.autocast_dtype)} autocast"
 
     @property
     def weight_bytes(self) -> int:
@@ -110,7 +110,7 @@ class LoadedMember:
             self.resident = False
 
 
-def _dtype_name(dtype: Any) -> str:
+def dtype_name(dtype: Any) -> str:
     return {"torch.float16": "fp16", "torch.bfloat16": "bf16", "torch.float32": "fp32"}.get(str(dtype), str(dtype))
 
 
@@ -222,7 +222,7 @@ def load_member(
     except ManifestError as e:
         if device.type != "cuda" or dtype == torch.float32:
             raise
-        note = (f"model {entry.name!r}: the {_dtype_name(dtype)}-weight check failed ({e}); its weights stay fp32 "
+        note = (f"model {entry.name!r}: the {dtype_name(dtype)}-weight check failed ({e}); its weights stay fp32 "
                 "(twice the device memory)")
         logger.warning("%s", note)
         del member
@@ -233,7 +233,7 @@ def load_member(
     if not resident:
         member.resident = True
         member._host_of = {}
-        _to_pinned_host(member)
+        to_pinned_host(member)
     return member
 
 
@@ -265,7 +265,7 @@ def _build(entry: ModelEntry, weights: str | Path, device: "torch.device", dtype
     return LoadedMember(entry, family, model, device, torch.float32 if on_cpu else dtype, autocast, rounded_to=rounded)
 
 
-def _to_pinned_host(member: LoadedMember) -> None:
+def to_pinned_host(member: LoadedMember) -> None:
     """Streamed: the weights wait in host memory (pinned on CUDA, so loading them is a fast
     asynchronous copy) until `LoadedMember.to_device`."""
     import torch

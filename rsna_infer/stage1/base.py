@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from ..backbones import create_backbone, create_feature_backbone
-from ..family import KeypointFamily, Sample
 from ..imaging import AP_AXIS, LATERAL_AXIS, AugSpec, prepare_volume, view_alignment
+from ..keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
+from ..models.backbones import create_backbone, create_feature_backbone
+from ..models.family import KeypointFamily, Sample
 from ..options import Options, option
 from ..specs import ModelEntry, SpecError
-from .keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
 
 if TYPE_CHECKING:
     import torch

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
-from .options import ExtraOptions, Options
-from .specs import InputSpec, ModelEntry
+from ..options import ExtraOptions, Options
+from ..specs import InputSpec, ModelEntry
 
 if TYPE_CHECKING:  # torch stays out of torch-free imports (manifest validation, CLI help)
     import torch
     from torch import nn
 
-    from .io.volume import Study
-    from .stage1.keypoints import KeypointSet, StudyKeypoints
+    from ..io.volume import Study
+    from ..keypoints import KeypointSet, StudyKeypoints
 
 
 @dataclass
@@ -136,7 +136,7 @@ class GradingFamily(Family):
         """The study's labels ``[5, 5]`` as ``sample`` sees them: left and right conditions
         swapped when training augmentation mirrored the sample left/right."""
         if sample.meta.get("lr_mirrored"):
-            from .stage2.layout import swap_lr_labels
+            from ..stage2.layout import swap_lr_labels
 
             return swap_lr_labels(labels)
         return np.asarray(labels)
@@ -150,7 +150,7 @@ class GradingFamily(Family):
         import torch
         import torch.nn.functional as F
 
-        from .constants import CLASS_WEIGHTS
+        from ..constants import CLASS_WEIGHTS
 
         keep = mask & (labels >= 0)
         if not bool(keep.any()):

@@ -3,7 +3,7 @@
 The producer side of the predictor: for each study, decode every DICOM once (`load_study`)
 and run the preprocessing of the families that need no keypoints (stage-1 ``prepare``).
 With ``num_workers > 0`` this happens in supervised worker *processes*
-(`rsna_infer.workers.WorkerPool`, one torch thread each) while the main process runs the
+(`rsna_infer.runtime.workers.WorkerPool`, one torch thread each) while the main process runs the
 models on the previous chunk; with ``num_workers = 0`` it runs in the calling process.
 Workers are forked on Linux, as torch's DataLoader does (they start instantly, inherit the
 registered families and never touch CUDA), and spawned where fork does not exist.
@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, Any
 from .workers import PoolUnavailable, WorkerDied, WorkerPool, WorkerTimeout
 
 if TYPE_CHECKING:
-    from .family import Family, Sample
-    from .io.discovery import StudyRef
-    from .io.volume import Study
+    from ..io.discovery import StudyRef
+    from ..io.volume import Study
+    from ..models.family import Family, Sample
 
 logger = logging.getLogger(__name__)
 
@@ -82,8 +82,8 @@ class LoadedStudy:
 
 def load_and_prepare(ref: "StudyRef", preparers: Sequence[tuple[str, "Family"]], decode_workers: int | None = None) -> LoadedStudy:
     """Decode ``ref`` and run each ``(group_key, family).prepare(study)``; never raises."""
-    from .imaging import shared_resizes
-    from .io import load_study
+    from ..imaging import shared_resizes
+    from ..io import load_study
 
     out = LoadedStudy(study_id=int(ref.study_id), study=None)
     t0 = time.perf_counter()

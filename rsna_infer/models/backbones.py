@@ -1,6 +1,6 @@
 """One factory for every backbone: timm (2-D) and timm_3d (3-D), always ``pretrained=False``.
 
-Weights only ever come from our own safetensors files (see `rsna_infer.manifest`), so no
+Weights only ever come from our own safetensors files (see `rsna_infer.models.manifest`), so no
 code path here can reach the network. Backbones are built headless (``num_classes=0``) and
 expose ``num_features``; families put their own heads on top.
 

@@ -13,8 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .constants import CONDITION_GROUP_INDEX, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
-from .specs import ModelEntry
+from ..constants import CONDITION_GROUP_INDEX, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..specs import ModelEntry
 
 
 def member_weights(entries: Sequence[ModelEntry]) -> np.ndarray:

@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 
-from .constants import N_CONDITIONS, N_LEVELS
+from ..constants import N_CONDITIONS, N_LEVELS
 
 if TYPE_CHECKING:
-    from .stage1.keypoints import KeypointSet, StudyKeypoints
+    from ..keypoints import KeypointSet, StudyKeypoints
 
 #: Distributions whose versions every report records.
 VERSIONED = ("rsna-infer", "torch", "timm", "timm-3d", "pydicom", "numpy", "pandas", "safetensors")
@@ -122,8 +122,8 @@ def keypoints_dict(kp: "StudyKeypoints") -> dict[str, Any]:
     """Every set of a study plus the merged best set per kind (``best/<kind>``, with the
     default preference of `rsna_infer.stage1.assemble.DEFAULT_PREFER`; ``origin`` says per
     point which set it came from)."""
-    from .stage1.assemble import preferred_best
-    from .stage1.keypoints import POINT_KINDS
+    from ..keypoints import POINT_KINDS
+    from ..stage1.assemble import preferred_best
 
     out = {key: keypoint_set_dict(s) for key, s in sorted(kp.sets.items())}
     for kind in POINT_KINDS:
@@ -175,14 +175,14 @@ class RunReport:
     def write(self, path: str | os.PathLike) -> Path:
         """Atomically (`rsna_infer.output.atomic_write`): a report that does not fit leaves
         no partial or 0-byte file behind, and an older report stays as it was."""
-        from .output import atomic_write_text
+        from ..output import atomic_write_text
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=_json_default) + "\n")
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=1, default=json_default) + "\n")
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from ..specs import ModelEntry
 from .manifest import Manifest, export_model, save_manifest
-from .specs import ModelEntry
 
-RANDOM_NOTES = "random-init weights (rsna_infer.random_weights): for pipeline tests only; predictions are meaningless"
+RANDOM_NOTES = "random-init weights (rsna_infer.models.random_weights): for pipeline tests only; predictions are meaningless"
 
 
 def make_random_manifest(

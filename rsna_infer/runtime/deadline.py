@@ -18,7 +18,7 @@ decision is logged (the first projection and each change at INFO/WARNING, the re
 DEBUG) and every change recorded in ``events``. Cost model per study: a fixed part (reading, decoding, preprocessing, stage-2
 cropping; measured as the chunk's wall time minus its model time) plus each active member's
 measured model time; a member never measured without TTA is assumed to cost
-1/`TTA_COST_FACTOR` of its TTA cost. With streamed members (`rsna_infer.memory`) moving a
+1/`TTA_COST_FACTOR` of its TTA cost. With streamed members (`rsna_infer.runtime.memory`) moving a
 member's weights to the device is a cost per *chunk*, not per study: it is measured per
 member and spread over ``chunk_studies`` (a one-study probe chunk would otherwise make it
 look 16 times dearer), and shedding a member saves its loads too. All times come from an
@@ -35,8 +35,8 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from .ensemble import member_weights
-from .specs import ModelEntry
+from ..models.ensemble import member_weights
+from ..specs import ModelEntry
 
 logger = logging.getLogger(__name__)
 

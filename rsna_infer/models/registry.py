@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING
 
-from .specs import FAMILIES, ModelEntry
+from ..specs import FAMILIES, ModelEntry
 
 if TYPE_CHECKING:
     from .family import Family

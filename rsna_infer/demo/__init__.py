@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from .constants import CLASSES, N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..constants import CLASSES, N_CLASSES, N_CONDITIONS, N_LEVELS
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +42,7 @@ class DemoWeightsMissing(FileNotFoundError):
 
 
 def demo_dir() -> Path:
-    return Path(__file__).resolve().parent / "demo"
+    return Path(__file__).resolve().parent
 
 
 def load_settings(manifest: Path) -> dict[str, Any]:
@@ -56,7 +56,7 @@ def load_settings(manifest: Path) -> dict[str, Any]:
 
 def check_demo_weights(manifest: Path | None = None) -> Path:
     """The demo manifest, with every weight file present and matching its sha256, or a loud error."""
-    from .manifest import ManifestError, load_manifest
+    from ..models.manifest import ManifestError, load_manifest
 
     path = Path(manifest) if manifest is not None else demo_dir() / "weights_manifest.json"
     hint = "re-create them with `python scripts/train_demo.py` (or reinstall rsna-infer)"
@@ -91,7 +91,7 @@ class DemoResult:
 
 
 def _constant_submission(study_ids: list[int], probs: np.ndarray) -> pd.DataFrame:
-    from .submission import assemble_submission
+    from ..submission import assemble_submission
 
     p = {int(s): np.asarray(probs, np.float64).copy() for s in study_ids}
     return assemble_submission(p, [int(s) for s in study_ids], masks=None, priors=probs).frame
@@ -209,10 +209,10 @@ def run_demo(
 ) -> DemoResult:
     """Phantom test set -> predict with the demo weights -> scores and keypoint errors; with
     ``mirror`` also the same studies mirrored left/right (`mirror_root`, `mirror_figures`)."""
-    from .manifest import load_manifest
-    from .metric import score_components
-    from .predictor import predict
-    from .synth import load_keypoints_world, make_dataset
+    from ..inference.engine import predict
+    from ..metric import score_components
+    from ..models.manifest import load_manifest
+    from ..synth import load_keypoints_world, make_dataset
 
     man_path = check_demo_weights(Path(manifest) if manifest is not None else None)
     settings = load_settings(man_path)

@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from .specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
+from ..specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
 
 if TYPE_CHECKING:
     from .family import Family
@@ -48,7 +48,7 @@ def preparation_groups(
 ) -> tuple[list[PrepGroup], list[PrepGroup]]:
     """The stage-1 and stage-2 groups of ``entries``, in run order (family order, then
     variant), with ``in_worker`` set. ``family``: the family object of an entry (a callable,
-    or a mapping by entry name; default: built with `rsna_infer.registry.make_family`)."""
+    or a mapping by entry name; default: built with `rsna_infer.models.registry.make_family`)."""
     if family is None:
         from .registry import make_family
 

@@ -34,8 +34,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .constants import CONDITIONS, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
-from .specs import ModelEntry, SpecError
+from ..constants import CONDITIONS, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..specs import ModelEntry, SpecError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -59,7 +59,7 @@ def default_priors() -> np.ndarray:
     of `rsna_infer.submission.DEFAULT_PRIORS` (approximate competition class shares per
     condition group). Real manifests carry per-target priors fitted on the training labels
     (`rsna_infer.submission.priors_from_labels`)."""
-    from .submission import resolve_priors  # pandas, not torch: imported only when needed
+    from ..submission import resolve_priors  # pandas, not torch: imported only when needed
 
     return resolve_priors(None)
 
@@ -281,7 +281,7 @@ def save_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write ``manifest`` as JSON at ``path``; entry files are made relative to its folder."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    from .output import atomic_write_text
+    from ..output import atomic_write_text
 
     return atomic_write_text(path, json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n")
 
@@ -388,7 +388,7 @@ MANIFEST_ENV = "RSNA_INFER_MANIFEST"
 
 def packaged_demo_manifest() -> Path:
     """Where the demo manifest ships inside the package (it may be absent in a checkout)."""
-    return Path(__file__).resolve().parent / "demo" / "weights_manifest.json"
+    return Path(__file__).resolve().parent.parent / "demo" / "weights_manifest.json"
 
 
 def demo_weight_hashes() -> set[str]:

@@ -2,7 +2,7 @@
 once, and when they do not, how to stream them.
 
 Per member (`MemberMemory`): **weight bytes** as held on the device (fp16 on a GPU except
-normalisation layers, `rsna_infer.members`), and **peak activation bytes** of one ``run``
+normalisation layers, `rsna_infer.models.members`), and **peak activation bytes** of one ``run``
 (flip TTA included) at the configured batch size on the input shapes of a typical study
 (`rsna_infer.estimate.typical`): the forward is replayed on ``meta`` tensors (shapes only, no
 arithmetic) under `LiveBytes`, which adds up every tensor from its creation to its release;
@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from .family import Family
+    from ..models.family import Family
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ def run_memory(family: "Family", batch: dict[str, "torch.Tensor"], model: "nn.Mo
     placeholders of a full batch would take as much memory as the activations they stand for."""
     import torch
 
-    from .estimate.flops import _ShapeOnly, flop_registry_ops
+    from ..estimate.flops import ShapeOnly, flop_registry_ops
 
     if model is None:
         try:
@@ -154,7 +154,7 @@ def run_memory(family: "Family", batch: dict[str, "torch.Tensor"], model: "nn.Mo
     n = int(next(iter(batch.values())).shape[0])
     one = {k: v[:1] for k, v in batch.items()}
 
-    class _Allocating(_ShapeOnly):
+    class _Allocating(ShapeOnly):
         """Placeholders as allocated but untouched memory (``empty``): each has its own storage,
         so `LiveBytes` sees them like the real tensors (the shared zero buffer would hide them)."""
 
@@ -187,9 +187,9 @@ def member_memory(name: str, group: str, run: RunMemory, batch: int, batch_nbyte
 
 
 def weight_bytes(model: "nn.Module", dtype_bytes: int) -> int:
-    """Bytes of ``model``'s parameters and buffers held as `rsna_infer.members.cast_weights`
+    """Bytes of ``model``'s parameters and buffers held as `rsna_infer.models.members.cast_weights`
     does: normalisation layers in fp32, other floating tensors at ``dtype_bytes`` each."""
-    from .members import is_norm_layer
+    from ..models.members import is_norm_layer
 
     total = 0
     for module in model.modules():

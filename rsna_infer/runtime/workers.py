@@ -1,6 +1,6 @@
 """Supervised worker processes: one socket per worker, one task per worker, every wait bounded.
 
-The loading workers of a prediction run (`rsna_infer.streaming`) must survive what machines
+The loading workers of a prediction run (`rsna_infer.runtime.streaming`) must survive what machines
 do to processes: the OOM killer's SIGKILL, a decoder that segfaults, a read that hangs
 forever (a SIGSTOPped process looks the same). `concurrent.futures.ProcessPoolExecutor`
 does not: one dead worker breaks the pool, every pending future fails, and nobody knows

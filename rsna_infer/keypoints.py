@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from ..constants import N_LEVELS, SIDES
+from .constants import N_LEVELS, SIDES
 
 POINT_KINDS: dict[str, int] = {"spinal": N_LEVELS, "foraminal": 2 * N_LEVELS, "subarticular": 2 * N_LEVELS}
 #: Sets whose points' slice is a rule, not a model's output (sag-2d: the stack's middle, or
@@ -135,7 +135,7 @@ class KeypointSet:
 
     def describe(self, i: int) -> str:
         """Human name of point ``i`` for logs, e.g. ``'foraminal left L4/L5'``."""
-        from ..constants import LEVEL_TO_COORD_LEVEL, LEVELS
+        from .constants import LEVEL_TO_COORD_LEVEL, LEVELS
 
         if self.kind == "spinal":
             return f"spinal {LEVEL_TO_COORD_LEVEL[LEVELS[i]]}"

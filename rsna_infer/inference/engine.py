@@ -3,7 +3,7 @@
 `Predictor` owns every model of a manifest. It is built once: each model is built, loaded
 strictly from its safetensors file and proved by one dummy forward *before any DICOM is
 read*, so configuration errors fail in seconds, not hours. Then studies stream through it
-in chunks (`rsna_infer.streaming`): workers decode and preprocess the next chunk while the
+in chunks (`rsna_infer.runtime.streaming`): workers decode and preprocess the next chunk while the
 models run on the current one, model by model with batches across the chunk's studies:
 
     stage-1 prepare -> run (folds of a family/variant averaged) -> decode -> keypoint sets
@@ -16,7 +16,7 @@ output) is caught, logged and recorded; that study keeps whatever views worked a
 remaining targets get prior rows. A `DeadlineGuard` sheds TTA and then low-weight members
 when a time budget is given. On CUDA: fp16 autocast, ``inference_mode``, cudnn benchmark;
 each device holds a replica of the ensemble and runs chunks on its own thread
-(`rsna_infer.devices.ReplicaSet`: a chunk that fails on one replica is re-run on another).
+(`rsna_infer.runtime.devices.ReplicaSet`: a chunk that fails on one replica is re-run on another).
 On CPU everything runs in fp32. `predict` adds the run's safety net: a priors-only
 ``submission.csv`` right after discovery, replaced by the real one at the end.
 """
@@ -37,30 +37,30 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from .constants import CONDITION_GROUP_INDEX, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
-from .deadline import DeadlineGuard, Plan, build_ladder
-from .devices import DeviceError, is_device_fault, is_out_of_memory, resolve_devices
-from .ensemble import blend_coverage, blend_logits, member_weights
-from .groups import PrepGroup, default_num_workers, preparation_groups
-from .manifest import Manifest, ManifestError, demo_entries, load_manifest, resolve_manifest_path
-from .memory import MemoryProbe
-from .output import OutputError
+from ..constants import CONDITION_GROUP_INDEX, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..models.ensemble import blend_coverage, blend_logits, member_weights
+from ..models.manifest import Manifest, ManifestError, demo_entries, load_manifest, resolve_manifest_path
+from ..models.prep_groups import PrepGroup, default_num_workers, preparation_groups
+from ..output import OutputError
+from ..runtime.deadline import DeadlineGuard, Plan, build_ladder
+from ..runtime.devices import DeviceError, is_device_fault, is_out_of_memory, resolve_devices
+from ..runtime.memory import MemoryProbe
+from ..specs import ModelEntry
 from .report import RunReport, StudyRecord, Timings, keypoints_dict
-from .specs import ModelEntry
 
 if TYPE_CHECKING:
     import pandas as pd
     import torch
 
-    from .devices import ChunkOutcome, ReplicaSet
-    from .estimate.typical import StudyGeometry
-    from .family import Family, Sample
-    from .io.discovery import StudyRef
-    from .io.volume import Study
-    from .members import LoadedMember
-    from .memory import MemoryPlan
-    from .stage1.keypoints import KeypointSet, StudyKeypoints
-    from .streaming import LoadedStudy, StudyStream
+    from ..estimate.typical import StudyGeometry
+    from ..io.discovery import StudyRef
+    from ..io.volume import Study
+    from ..keypoints import KeypointSet, StudyKeypoints
+    from ..models.family import Family, Sample
+    from ..models.members import LoadedMember
+    from ..runtime.devices import ChunkOutcome, ReplicaSet
+    from ..runtime.memory import MemoryPlan
+    from ..runtime.streaming import LoadedStudy, StudyStream
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ DEFAULT_CHUNK_SIZE = 16
 
 def _family_or_manifest_error(entry: ModelEntry) -> "Family":
     """``entry``'s family object; a bad variant or bad kwargs is a `ManifestError` (as at load)."""
-    from .registry import make_family
+    from ..models.registry import make_family
 
     try:
         return make_family(entry)
@@ -83,7 +83,7 @@ def _family_or_manifest_error(entry: ModelEntry) -> "Family":
 
 
 def _default_finalize() -> Callable[["Study", "StudyKeypoints"], "StudyKeypoints"]:
-    from .stage1.assemble import finalize
+    from ..stage1.assemble import finalize
 
     return finalize
 
@@ -142,11 +142,11 @@ class Predictor:
     ``finalize``: the stage-1 finalisation ``(study, keypoints) -> keypoints`` (default
     `rsna_infer.stage1.assemble.finalize`). ``clock``: time source of the deadline guard
     (waits and watchdogs always use ``time.monotonic``). ``precision``, ``channels_last``:
-    how the weights are held (`rsna_infer.members`). ``members``: ``auto`` | ``resident`` |
+    how the weights are held (`rsna_infer.models.members`). ``members``: ``auto`` | ``resident`` |
     ``streamed`` and ``device_memory_gb`` (a card's memory to plan with; on the CPU a
-    stand-in): the device memory plan (`rsna_infer.memory`, made on ``memory_geometry``, a
+    stand-in): the device memory plan (`rsna_infer.runtime.memory`, made on ``memory_geometry``, a
     typical study by default). Raises `ManifestError` (models, weights, paths) or
-    `rsna_infer.devices.DeviceError` before any study is read.
+    `rsna_infer.runtime.devices.DeviceError` before any study is read.
     """
 
     def __init__(
@@ -166,8 +166,8 @@ class Predictor:
     ) -> None:
         import torch
 
-        from .members import load_member
-        from .memory import MODES, Residency
+        from ..models.members import load_member
+        from ..runtime.memory import MODES, Residency
 
         self.timings = Timings()
         self._failed = _FailureLog()
@@ -237,11 +237,11 @@ class Predictor:
 
     def _plan_memory(self, mode: str, device_memory_gb: float | None, geometry: "StudyGeometry | None") -> "MemoryPlan | None":
         """Each member's device memory on a typical study at this batch size, and the mode
-        (`rsna_infer.memory.plan_memory`). None on the CPU without ``device_memory_gb`` and
+        (`rsna_infer.runtime.memory.plan_memory`). None on the CPU without ``device_memory_gb`` and
         without ``members="streamed"``: nothing to plan for."""
-        from .estimate.cost import cost_manifest
-        from .members import _dtype_name, weight_dtype
-        from .memory import device_memory_bytes, member_memory, plan_memory
+        from ..estimate.cost import cost_manifest
+        from ..models.members import dtype_name, weight_dtype
+        from ..runtime.memory import device_memory_bytes, member_memory, plan_memory
 
         dev = self.devices[0]
         budget = device_memory_bytes(dev, device_memory_gb)
@@ -252,7 +252,7 @@ class Predictor:
         rows = {}
         for e in self.manifest.models:
             sc = cost.member(e.name)
-            dtype = _dtype_name(weight_dtype(e, dev, self.precision))
+            dtype = dtype_name(weight_dtype(e, dev, self.precision))
             rows[e.name] = member_memory(e.name, cost.member_prep[e.name], sc.memory, sc.memory_batch, sc.memory_batch_bytes,
                                          dtype, autocast=dev.type == "cuda")
         plan = plan_memory(rows, [(g.key, list(g.members)) for g in self.groups1 + self.groups2], budget, mode)
@@ -301,15 +301,15 @@ class Predictor:
 
         ``start``: clock value the time budget counts from (default: now).
         ``study_timeout_s``: the loading workers' per-study watchdog (default
-        `rsna_infer.streaming.study_timeout_for` the budget); a device may take that long per
+        `rsna_infer.runtime.streaming.study_timeout_for` the budget); a device may take that long per
         study of a chunk before it counts as hung. ``start_method``: the workers' (default
         fork where it exists, else spawn). ``observer``: see `RunObserver` (None: nothing is
         captured). ``read_ahead``: studies the loading workers decode beyond the chunks taken
-        (default `rsna_infer.streaming.default_read_ahead`: the chunk a device runs plus this
+        (default `rsna_infer.runtime.streaming.default_read_ahead`: the chunk a device runs plus this
         many decoded studies bound the memory; more hides more loading behind the device).
         """
-        from .devices import ReplicaSet
-        from .streaming import StudyStream, default_read_ahead, study_timeout_for
+        from ..runtime.devices import ReplicaSet
+        from ..runtime.streaming import StudyStream, default_read_ahead, study_timeout_for
 
         num_workers = default_num_workers() if num_workers is None else int(num_workers)
         read_ahead = default_read_ahead(num_workers) if read_ahead is None else max(1, int(read_ahead))
@@ -339,7 +339,7 @@ class Predictor:
     def _feed(self, stream: "StudyStream", replicas: "ReplicaSet", state: "_RunState", chunk_size: int) -> None:
         """Read a chunk whenever a device is free, settle each chunk as it ends.
 
-        Devices: `rsna_infer.devices.ReplicaSet` (failover, hung devices); the deadline:
+        Devices: `rsna_infer.runtime.devices.ReplicaSet` (failover, hung devices); the deadline:
         `_RunState.decide` (a one-study probe chunk until costs are measured); results and
         prior rows: `_RunState.settle`."""
         while True:
@@ -402,8 +402,8 @@ class Predictor:
         self, studies: dict[int, "Study"], by_id: dict[int, "LoadedStudy"], plan: Plan, replica: int, out: ChunkOutput
     ) -> dict[int, "StudyKeypoints"]:
         """Keypoints of every study: groups in family order, folds averaged, then finalize."""
-        from .stage1.assemble import merge_decoded
-        from .stage1.keypoints import StudyKeypoints
+        from ..keypoints import StudyKeypoints
+        from ..stage1.assemble import merge_decoded
 
         members = self.replicas[replica]
         kps = {sid: StudyKeypoints(sid) for sid in studies}
@@ -577,10 +577,10 @@ class Predictor:
         to the device once and run through every member of the group. A failing batch is
         retried in halves for the member that failed it, so one bad study costs only its own
         output; CUDA out-of-memory is handled the same way, after the cache is emptied. A
-        device fault (`rsna_infer.devices.is_device_fault`) is not the studies' doing: it
+        device fault (`rsna_infer.runtime.devices.is_device_fault`) is not the studies' doing: it
         propagates, and the chunk is re-run on another replica.
 
-        Streamed members (`rsna_infer.memory`) are loaded first: the whole group, or one
+        Streamed members (`rsna_infer.runtime.memory`) are loaded first: the whole group, or one
         member at a time when the plan says the group does not fit at once; a member that
         cannot be loaded costs these studies its output, nothing else."""
         results: list[list[np.ndarray | None]] = [[None] * len(samples) for _ in members]
@@ -676,15 +676,15 @@ class Predictor:
     def set_streaming(self, streamed: bool) -> None:
         """Switch every replica between resident and streamed members (benchmarks compare the
         two on one loaded predictor; a run chooses at construction from the memory plan)."""
-        from .members import _to_pinned_host
-        from .memory import Residency
+        from ..models.members import to_pinned_host
+        from ..runtime.memory import Residency
 
         if streamed == self.streamed:
             return
         for rep in self.replicas:
             for m in rep.values():
                 if streamed:
-                    _to_pinned_host(m)
+                    to_pinned_host(m)
                 else:
                     m.to_device()
                     m._host_of.clear()  # resident from now on: nothing to go back to
@@ -822,7 +822,7 @@ class _RunState:
 
     def settle(self, outcome: "ChunkOutcome") -> None:
         """A chunk ended: merge what it produced, or give its studies prior rows with why."""
-        from .devices import FINISHED
+        from ..runtime.devices import FINISHED
 
         chunk, now = outcome.chunk, self.clock()
         if outcome.status == FINISHED:
@@ -869,7 +869,7 @@ class _RunState:
         self.bar.close()
 
     def result(self, replicas: "ReplicaSet", memory: dict[str, Any] | None = None) -> RunResult:
-        from .streaming import peak_rss_mb
+        from ..runtime.streaming import peak_rss_mb
 
         self.warnings += replicas.warnings
         self.faults["devices"] = replicas.events
@@ -885,7 +885,7 @@ class _RunState:
 
 def _describe_filled(targets: Sequence[str]) -> str:
     """``'priors for 7 target(s): spinal_canal_stenosis x5, left_subarticular_stenosis x2'``."""
-    from .constants import CONDITIONS
+    from ..constants import CONDITIONS
 
     counts = {c: sum(t.startswith(c + "_l") for t in targets) for c in CONDITIONS}
     parts = [f"{c} x{n}" for c, n in counts.items() if n]
@@ -918,7 +918,7 @@ def length_bucket(n: int) -> int:
 
 def _length_of(family: "Family") -> tuple[str, int] | None:
     """A family's ``length_axis``: (input key, axis of the sample) whose length may differ
-    between the samples of one batch (see `rsna_infer.family.Family.length_axis`)."""
+    between the samples of one batch (see `rsna_infer.models.family.Family.length_axis`)."""
     return getattr(family, "length_axis", None)
 
 
@@ -1040,22 +1040,22 @@ def predict(
     ``read_ahead``: studies decoded ahead of the running chunks (default: workers + 2; more
     hides more loading behind the device, at ~60 MB of memory per realistic study).
     ``precision``: ``"auto"`` (fp16 weights on a GPU, fp32 on the CPU), ``"fp32"`` or
-    ``"fp16"`` (see `rsna_infer.members`). ``channels_last``: convolution weights in
+    ``"fp16"`` (see `rsna_infer.models.members`). ``channels_last``: convolution weights in
     channels-last format (``benchmarks/gpu_check.py`` measures whether it helps).
     ``members``: ``"auto"`` (resident when the ensemble fits the card, else streamed),
-    ``"resident"`` or ``"streamed"`` (`rsna_infer.memory`); ``device_memory_gb``: the card's
+    ``"resident"`` or ``"streamed"`` (`rsna_infer.runtime.memory`); ``device_memory_gb``: the card's
     memory to plan with instead of its free memory (on the CPU: a stand-in card).
 
     Order, so that every configuration or path mistake fails before a model runs, with an
     error that says what to fix (`ManifestError`, `rsna_infer.output.OutputError`,
-    `rsna_infer.io.NoStudiesError`, `rsna_infer.devices.DeviceError`): the manifest is
+    `rsna_infer.io.NoStudiesError`, `rsna_infer.runtime.devices.DeviceError`): the manifest is
     validated (files, sha256, paths, blend groups) -> the output folder is probed -> studies
     are discovered -> a priors-only ``out_csv`` is written (the safety net: a run killed
     later still leaves a valid submission) -> the models are built and checked -> the
     studies stream through them -> the real ``out_csv`` replaces the safety net. Everything
     runs with ``HF_HUB_OFFLINE=1``.
     """
-    from .backbones import hub_offline
+    from ..models.backbones import hub_offline
 
     start = clock()
     for name, value in (("time_budget_s", time_budget_s), ("study_timeout_s", study_timeout_s)):
@@ -1079,15 +1079,15 @@ def _predict(test_dir: str | os.PathLike, out_csv: Path, manifest: "str | os.Pat
              select: Sequence[int] | None, qa_dir: str | os.PathLike | None, qa_worst: int,
              qa_labels: str | os.PathLike | None, read_ahead: int | None, precision: str, channels_last: bool,
              members: str, device_memory_gb: float | None) -> "pd.DataFrame":
-    from .io import NoStudiesError, describe_no_studies, discover_studies
-    from .output import probe_writable
-    from .streaming import default_read_ahead, study_timeout_for
-    from .submission import assemble_submission
+    from ..io import NoStudiesError, describe_no_studies, discover_studies
+    from ..output import probe_writable
+    from ..runtime.streaming import default_read_ahead, study_timeout_for
+    from ..submission import assemble_submission
 
     t0 = time.perf_counter()
     collector = None
     if qa_dir is not None:  # before any model is loaded: a missing Pillow or a bad labels file fails in seconds
-        from .viz.capture import QACollector
+        from ..viz.capture import QACollector
 
         collector = QACollector(qa_dir, worst=qa_worst, labels=qa_labels)
     report = RunReport(test_dir=str(test_dir), out_csv=str(out_csv))
@@ -1199,7 +1199,7 @@ def _manifest_for_prediction(manifest: "str | os.PathLike | Manifest | None", re
 
 def _write_csv(frame: "pd.DataFrame | None", out_csv: Path, study_ids: list[int], priors: np.ndarray | None = None) -> None:
     """The submission (``frame``), or with ``frame=None`` the priors-only safety net."""
-    from .submission import prior_submission, write_submission
+    from ..submission import prior_submission, write_submission
 
     try:
         if frame is None:
@@ -1259,7 +1259,7 @@ def run_cli(args: argparse.Namespace) -> int:
     """Exit 0 with a complete CSV; 1 with one line on stderr saying what to fix."""
     import sys
 
-    from .viz import VizUnavailable
+    from ..viz import VizUnavailable
 
     try:
         df = predict(

@@ -1,0 +1,1 @@
+"""Model registry: families, manifests, weights, members and the blend."""

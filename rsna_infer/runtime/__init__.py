@@ -1,0 +1,1 @@
+"""What a run stands on: loading workers, devices, streaming, the deadline, memory."""
