@@ -1,8 +1,9 @@
 """``rsna-infer`` command line: a thin dispatcher.
 
-Each command lives beside the code it drives: the module named in `COMMANDS` defines
-``add_arguments(parser)`` and ``run_cli(args) -> int``. Only the chosen command's module is
-imported, so ``rsna-infer --help`` and ``rsna-infer score`` start without torch.
+Each command is one module of `rsna_infer.commands` (named in `COMMANDS`) that defines
+``add_arguments(parser)`` and ``run_cli(args) -> int`` and calls the library; only the chosen
+command's module is imported, so ``rsna-infer --help`` and ``rsna-infer score`` start without
+torch. A new command is a new module there plus one line here.
 """
 
 from __future__ import annotations
@@ -14,17 +15,17 @@ import sys
 
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("rsna_infer.demo", "phantom test set -> predict with the demo weights -> score vs baselines"),
-    "predict": ("rsna_infer.inference.engine", "write submission.csv for a Kaggle-layout test root"),
-    "show": ("rsna_infer.viz.show", "QA page of one study: model inputs with keypoints, crops, probabilities"),
-    "score": ("rsna_infer.metric", "score a submission CSV against train.csv-style labels"),
-    "synth": ("rsna_infer.synth", "write phantom lumbar-spine studies in the Kaggle layout"),
-    "manifest": ("rsna_infer.models.manifest", "add, verify or summarise a weights manifest"),
-    "estimate": ("rsna_infer.estimate", "project a manifest's run time per GPU kind; what to shed to fit 9 h"),
-    "cache": ("rsna_infer.train.cache", "decode every training study into the training cache (in parallel)"),
-    "folds": ("rsna_infer.train.folds", "write the one study-level fold split every model of the ensemble shares"),
-    "train": ("rsna_infer.train.cli", "train one model on some folds; merge manifests; out-of-fold keypoints"),
-    "fit-blend": ("rsna_infer.train.blend", "fit per-group blend weights on out-of-fold logits"),
+    "demo": ("rsna_infer.commands.demo", "phantom test set -> predict with the demo weights -> score vs baselines"),
+    "predict": ("rsna_infer.commands.predict", "write submission.csv for a Kaggle-layout test root"),
+    "show": ("rsna_infer.commands.show", "QA page of one study: model inputs with keypoints, crops, probabilities"),
+    "score": ("rsna_infer.commands.score", "score a submission CSV against train.csv-style labels"),
+    "synth": ("rsna_infer.commands.synth", "write phantom lumbar-spine studies in the Kaggle layout"),
+    "manifest": ("rsna_infer.commands.manifest", "add, verify or summarise a weights manifest"),
+    "estimate": ("rsna_infer.commands.estimate", "project a manifest's run time per GPU kind; what to shed to fit 9 h"),
+    "cache": ("rsna_infer.commands.cache", "decode every training study into the training cache (in parallel)"),
+    "folds": ("rsna_infer.commands.folds", "write the one study-level fold split every model of the ensemble shares"),
+    "train": ("rsna_infer.commands.train", "train one model on some folds; merge manifests; out-of-fold keypoints"),
+    "fit-blend": ("rsna_infer.commands.fit_blend", "fit per-group blend weights on out-of-fold logits"),
 }
 
 

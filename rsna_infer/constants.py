@@ -81,7 +81,8 @@ CONDITION_SERIES_TYPE: dict[str, str] = {
 #: swaps patient left and right permutes axis 0 of the canonical layout by this.
 LR_SWAP: tuple[int, ...] = (0, 2, 1, 4, 3)
 
-_ROW_RE = re.compile(r"^(\d+)_(" + "|".join(CONDITIONS) + r")_(" + "|".join(LEVELS) + r")$")
+#: A submission row id: ``(study_id)_(condition)_(level)`` (groups 1-3).
+ROW_ID_PATTERN = re.compile(r"^(\d+)_(" + "|".join(CONDITIONS) + r")_(" + "|".join(LEVELS) + r")$")
 
 
 def row_id(study_id: int | str, condition: str, level: str) -> str:
@@ -100,7 +101,7 @@ def study_row_ids(study_id: int | str) -> list[str]:
 
 def parse_row_id(rid: str) -> tuple[int, str, str]:
     """Inverse of :func:`row_id`: ``(study_id, condition, level)``."""
-    m = _ROW_RE.match(rid)
+    m = ROW_ID_PATTERN.match(rid)
     if m is None:
         raise ValueError(f"malformed row_id {rid!r}; expected '{{study_id}}_{{condition}}_{{level}}'")
     return int(m.group(1)), m.group(2), m.group(3)

@@ -1,7 +1,7 @@
 """Kaggle's ``rsna-lumbar-metric``, reimplemented in numpy so that it is exact, fast and torch-free.
 
 The score users pick models by must be the score Kaggle gives, so this module mirrors the
-host's metric step by step (DESIGN §3):
+host's metric step by step (docs/foundation.md):
 
 1. rows of solution and submission are aligned on ``row_id`` (their order never matters);
 2. for each condition group (spinal; left+right foraminal pooled; left+right subarticular
@@ -31,13 +31,8 @@ infer two classes from one), and a group with no scored rows is an error that na
 
 from __future__ import annotations
 
-import argparse
-import json
-import logging
-import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -48,16 +43,14 @@ from .constants import (
     CONDITION_GROUP_INDEX,
     CONDITIONS,
     GROUPS,
-    LEVELS,
     N_CLASSES,
     N_CONDITIONS,
     N_LEVELS,
-    TARGETS,
-    label_to_class,
+    ROW_ID_PATTERN,
     study_row_ids,
 )
-
-logger = logging.getLogger(__name__)
+from .io.labels import DataError, labels_array
+from .validate import examples
 
 #: Clip bound of the log loss: float64 machine epsilon, as scikit-learn's ``eps="auto"``.
 EPS: float = float(np.finfo(np.float64).eps)
@@ -67,7 +60,6 @@ COMPONENTS: tuple[str, ...] = (*GROUPS, "any_severe_spinal")
 SOLUTION_COLUMNS: tuple[str, ...] = (*CLASSES, "sample_weight")
 
 _SPINAL_INDEX = CONDITIONS.index("spinal_canal_stenosis")
-_ROW_PATTERN = re.compile(r"^(\d+)_(" + "|".join(CONDITIONS) + r")_(" + "|".join(LEVELS) + r")$")
 
 
 class ScoringError(ValueError):
@@ -166,29 +158,12 @@ def score_arrays(
 
 def labels_to_array(train_df: pd.DataFrame) -> tuple[list[int], np.ndarray]:
     """``(study_ids, labels)`` from a train.csv-style table: ``labels`` is int8 [N, 5, 5] in
-    canonical order, -1 where the label is blank (unscored)."""
-    missing = [c for c in ("study_id", *TARGETS) if c not in train_df.columns]
-    if missing:
-        raise ScoringError(
-            f"label table lacks {len(missing)} column(s): {_examples(missing)}; expected study_id and the 25 "
-            "'{condition}_{level}' columns of train.csv"
-        )
+    canonical order, -1 where the label is blank (unscored); `rsna_infer.io.labels.labels_array`
+    with its errors as `ScoringError`."""
     try:
-        study_ids = [int(s) for s in train_df["study_id"].tolist()]
-    except (TypeError, ValueError) as err:
-        raise ScoringError(f"label table: study_id must be integers ({err})") from None
-    dup = pd.Series(study_ids)
-    dup = dup[dup.duplicated()].tolist()
-    if dup:
-        raise ScoringError(f"label table has duplicate study ids: {_examples(dup)}")
-    raw = train_df[list(TARGETS)].to_numpy(dtype=object)
-    labels = np.empty(raw.shape, dtype=np.int8)
-    for i, j in np.ndindex(raw.shape):
-        try:
-            labels[i, j] = label_to_class(raw[i, j])
-        except ValueError as err:
-            raise ScoringError(f"label table, study {study_ids[i]}, column {TARGETS[j]}: {err}") from None
-    return study_ids, labels.reshape(len(study_ids), N_CONDITIONS, N_LEVELS)
+        return labels_array(train_df)
+    except DataError as err:
+        raise ScoringError(str(err)) from None
 
 
 def labels_to_solution(train_df: pd.DataFrame, study_ids: Iterable[int] | None = None) -> pd.DataFrame:
@@ -206,7 +181,7 @@ def labels_to_solution(train_df: pd.DataFrame, study_ids: Iterable[int] | None =
         index = {s: i for i, s in enumerate(ids)}
         absent = [s for s in wanted if s not in index]
         if absent:
-            raise ScoringError(f"{len(absent)} study id(s) not in the label table: {_examples(absent)}")
+            raise ScoringError(f"{len(absent)} study id(s) not in the label table: {examples(absent)}")
         labels = labels[[index[s] for s in wanted]]
         ids = wanted
     cls = labels.reshape(-1).astype(np.int64)
@@ -297,11 +272,6 @@ class _Truth:
     condition: np.ndarray  # [N] index into CONDITIONS
 
 
-def _examples(items: Sequence[object], k: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in list(items)[:k])
-    return shown + (f" (+{len(items) - k} more)" if len(items) > k else "")
-
-
 def _numeric_columns(frame: pd.DataFrame, columns: Sequence[str], ids: pd.Series, what: str) -> np.ndarray:
     """The columns as float64 [N, len(columns)], or an error naming a non-numeric column and rows."""
     out = np.empty((len(frame), len(columns)), dtype=np.float64)
@@ -313,7 +283,7 @@ def _numeric_columns(frame: pd.DataFrame, columns: Sequence[str], ids: pd.Series
             parsed = pd.to_numeric(values, errors="coerce")
             bad = ids[parsed.isna() & values.notna()].tolist()
             if bad:
-                raise ScoringError(f"{what}: column {col!r} must be numeric; non-numeric values at rows {_examples(bad)}")
+                raise ScoringError(f"{what}: column {col!r} must be numeric; non-numeric values at rows {examples(bad)}")
             values = parsed
         out[:, j] = values.to_numpy(dtype=np.float64, na_value=np.nan)
     return out
@@ -327,7 +297,7 @@ def _row_id_series(frame: pd.DataFrame, row_id_column_name: str, what: str) -> p
     ids = frame[row_id_column_name].astype(str).reset_index(drop=True)
     dup = ids[ids.duplicated()].unique().tolist()
     if dup:
-        raise ScoringError(f"{what} has {len(dup)} duplicated row id(s): {_examples(dup)}")
+        raise ScoringError(f"{what} has {len(dup)} duplicated row id(s): {examples(dup)}")
     return ids
 
 
@@ -340,21 +310,21 @@ def _read_solution(solution: pd.DataFrame, row_id_column_name: str) -> _Truth:
     values = _numeric_columns(frame, SOLUTION_COLUMNS, ids, "solution")
     onehot, weight = values[:, :N_CLASSES], values[:, N_CLASSES]
     if not np.isfinite(values).all():
-        raise ScoringError(f"solution has non-finite values at rows {_examples(ids[~np.isfinite(values).all(axis=1)].tolist())}")
+        raise ScoringError(f"solution has non-finite values at rows {examples(ids[~np.isfinite(values).all(axis=1)].tolist())}")
     if (weight < 0).any():
-        raise ScoringError(f"solution has negative sample weights at rows {_examples(ids[weight < 0].tolist())}")
+        raise ScoringError(f"solution has negative sample weights at rows {examples(ids[weight < 0].tolist())}")
     if not np.isin(onehot, (0.0, 1.0)).all():
         bad = ids[~np.isin(onehot, (0.0, 1.0)).all(axis=1)].tolist()
-        raise ScoringError(f"solution class columns must be one-hot 0/1; other values at rows {_examples(bad)}")
+        raise ScoringError(f"solution class columns must be one-hot 0/1; other values at rows {examples(bad)}")
     bad_scored = (weight > 0) & (onehot.sum(axis=1) != 1)
     if bad_scored.any():
         raise ScoringError(
-            f"solution rows with sample_weight > 0 need exactly one true class; rows {_examples(ids[bad_scored].tolist())}"
+            f"solution rows with sample_weight > 0 need exactly one true class; rows {examples(ids[bad_scored].tolist())}"
         )
-    parts = ids.str.extract(_ROW_PATTERN)
+    parts = ids.str.extract(ROW_ID_PATTERN)
     malformed = ids[parts[0].isna()].tolist()
     if malformed:
-        raise ScoringError(f"solution has malformed row ids {_examples(malformed)}; expected '{{study_id}}_{{condition}}_{{level}}'")
+        raise ScoringError(f"solution has malformed row ids {examples(malformed)}; expected '{{study_id}}_{{condition}}_{{level}}'")
     order = np.argsort(ids.to_numpy(), kind="stable")
     study = parts[0].astype(np.int64).to_numpy()
     condition = parts[1].map({c: i for i, c in enumerate(CONDITIONS)}).to_numpy(dtype=np.int64)
@@ -377,10 +347,10 @@ def _align_submission(submission: pd.DataFrame, row_ids: np.ndarray, row_id_colu
     values = _numeric_columns(frame, CLASSES, ids, "submission")
     finite = np.isfinite(values).all(axis=1)
     if not finite.all():
-        raise ScoringError(f"submission values must be finite; NaN or inf at {int((~finite).sum())} row(s): {_examples(ids[~finite].tolist())}")
+        raise ScoringError(f"submission values must be finite; NaN or inf at {int((~finite).sum())} row(s): {examples(ids[~finite].tolist())}")
     negative = (values < 0).any(axis=1)
     if negative.any():
-        raise ScoringError(f"submission values must be >= 0; negative at {int(negative.sum())} row(s): {_examples(ids[negative].tolist())}")
+        raise ScoringError(f"submission values must be >= 0; negative at {int(negative.sum())} row(s): {examples(ids[negative].tolist())}")
     position = pd.Series(np.arange(len(ids)), index=ids.to_numpy())
     wanted = pd.Index(row_ids)
     absent = wanted.difference(position.index)
@@ -388,77 +358,19 @@ def _align_submission(submission: pd.DataFrame, row_ids: np.ndarray, row_id_colu
     if len(absent) or len(extra):
         parts = []
         if len(absent):
-            parts.append(f"{len(absent)} solution row(s) missing from the submission: {_examples(sorted(absent))}")
+            parts.append(f"{len(absent)} solution row(s) missing from the submission: {examples(sorted(absent))}")
         if len(extra):
-            parts.append(f"{len(extra)} submission row(s) not in the solution: {_examples(sorted(extra))}")
+            parts.append(f"{len(extra)} submission row(s) not in the solution: {examples(sorted(extra))}")
         raise ScoringError("submission rows must be exactly the solution's rows; " + "; ".join(parts))
     return values[position.loc[wanted].to_numpy()]
 
 
-# --------------------------------------------------------------------------------------------
-# command line
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``rsna-infer score``: its arguments."""
-    parser.add_argument("submission", type=Path, help="submission CSV: row_id,normal_mild,moderate,severe")
-    truth = parser.add_mutually_exclusive_group(required=True)
-    truth.add_argument("--labels", type=Path, help="train.csv-style labels (study_id + 25 label columns; blanks unscored)")
-    truth.add_argument("--solution", type=Path, help="solution CSV in the metric's format: row_id,normal_mild,moderate,severe,sample_weight")
-    parser.add_argument(
-        "--all-studies",
-        action="store_true",
-        help="with --labels: require every labelled study in the submission (default: score the studies the submission holds)",
-    )
-    parser.add_argument("--any-severe-scalar", type=float, default=1.0, help="weight of the any_severe_spinal loss (Kaggle: 1.0)")
-    parser.add_argument("--no-renormalize", action="store_true", help="do not divide rows by their sum (scikit-learn >= 1.5 semantics)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON")
-
-
-def _read_csv(path: Path, what: str) -> pd.DataFrame:
-    if not path.is_file():
-        raise ScoringError(f"{what} file {path} does not exist")
-    return pd.read_csv(path)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    """Score a submission CSV; print the total and the four components. Exit 2 on bad input."""
-    try:
-        submission = _read_csv(args.submission, "submission")
-        if args.solution is not None:
-            solution = _read_csv(args.solution, "solution")
-            scope = f"solution {args.solution}"
-        else:
-            labels = _read_csv(args.labels, "labels")
-            study_ids = None
-            if not args.all_studies:
-                study_ids = _submission_studies(submission)
-            solution = labels_to_solution(labels, study_ids)
-            n_label = len(labels)
-            n_scored = n_label if study_ids is None else len(study_ids)
-            scope = f"labels {args.labels}: {n_scored} of {n_label} studies"
-        result = score_components(
-            solution, submission, any_severe_scalar=args.any_severe_scalar, renormalize=not args.no_renormalize
-        )
-    except ScoringError as err:
-        logger.error("%s", err)
-        return 2
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(f"scored {args.submission} against {scope}")
-        for name in COMPONENTS:
-            print(f"  {name:<18} {result[name]:.6f}")
-        print(f"  {'total':<18} {result['total']:.6f}")
-    return 0
-
-
-def _submission_studies(submission: pd.DataFrame) -> list[int]:
-    """Study ids named by a submission's row ids, in first-seen order."""
+def submission_studies(submission: pd.DataFrame) -> list[int]:
+    """Study ids named by a submission's row ids, in first-seen order (``rsna-infer score`` scores those)."""
     if "row_id" not in submission.columns:
         raise ScoringError(f"submission has no 'row_id' column; columns are {list(submission.columns)}")
-    parts = submission["row_id"].astype(str).str.extract(_ROW_PATTERN)
+    parts = submission["row_id"].astype(str).str.extract(ROW_ID_PATTERN)
     bad = submission["row_id"][parts[0].isna()].astype(str).tolist()
     if bad:
-        raise ScoringError(f"submission has malformed row ids {_examples(bad)}; expected '{{study_id}}_{{condition}}_{{level}}'")
+        raise ScoringError(f"submission has malformed row ids {examples(bad)}; expected '{{study_id}}_{{condition}}_{{level}}'")
     return list(dict.fromkeys(int(s) for s in parts[0]))

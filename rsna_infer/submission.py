@@ -37,6 +37,7 @@ from .constants import (
     parse_row_id,
     study_row_ids,
 )
+from .validate import examples
 
 logger = logging.getLogger(__name__)
 
@@ -217,11 +218,6 @@ def _frame(study_ids: Sequence[int], probs: np.ndarray) -> pd.DataFrame:
     return frame
 
 
-def _examples(items: Sequence[object], k: int = 5) -> str:
-    shown = ", ".join(repr(x) for x in list(items)[:k])
-    return shown + (f" (+{len(items) - k} more)" if len(items) > k else "")
-
-
 def validate_submission(frame: pd.DataFrame, study_ids: Iterable[int] | None = None, tolerance: float = SUM_TOLERANCE) -> None:
     """Raise :class:`SubmissionError` listing every way ``frame`` breaks the contract.
 
@@ -235,7 +231,7 @@ def validate_submission(frame: pd.DataFrame, study_ids: Iterable[int] | None = N
     ids = frame["row_id"].astype(str).reset_index(drop=True)
     dup = ids[ids.duplicated()].unique().tolist()
     if dup:
-        problems.append(f"{len(dup)} duplicated row id(s): {_examples(dup)}")
+        problems.append(f"{len(dup)} duplicated row id(s): {examples(dup)}")
     malformed = []
     for rid in ids.unique():
         try:
@@ -243,16 +239,16 @@ def validate_submission(frame: pd.DataFrame, study_ids: Iterable[int] | None = N
         except ValueError:
             malformed.append(rid)
     if malformed:
-        problems.append(f"{len(malformed)} malformed row id(s): {_examples(malformed)}")
+        problems.append(f"{len(malformed)} malformed row id(s): {examples(malformed)}")
     if study_ids is not None:
         expected = [rid for s in study_ids for rid in study_row_ids(s)]
         have, wanted = set(ids), set(expected)
         missing = [rid for rid in expected if rid not in have]
         extra = [rid for rid in ids.unique() if rid not in wanted]
         if missing:
-            problems.append(f"{len(missing)} missing row(s): {_examples(missing)}")
+            problems.append(f"{len(missing)} missing row(s): {examples(missing)}")
         if extra:
-            problems.append(f"{len(extra)} row(s) for no listed study: {_examples(extra)}")
+            problems.append(f"{len(extra)} row(s) for no listed study: {examples(extra)}")
     values = frame[list(CLASSES)].reset_index(drop=True)
     numeric = all(pd.api.types.is_numeric_dtype(values[c]) and not pd.api.types.is_bool_dtype(values[c]) for c in CLASSES)
     if not numeric:
@@ -262,16 +258,16 @@ def validate_submission(frame: pd.DataFrame, study_ids: Iterable[int] | None = N
         v = values.to_numpy(dtype=np.float64, na_value=np.nan)
         finite = np.isfinite(v).all(axis=1)
         if not finite.all():
-            problems.append(f"{int((~finite).sum())} row(s) with NaN or inf: {_examples(ids[~finite].tolist())}")
+            problems.append(f"{int((~finite).sum())} row(s) with NaN or inf: {examples(ids[~finite].tolist())}")
         negative = (v < 0).any(axis=1) & finite
         if negative.any():
-            problems.append(f"{int(negative.sum())} row(s) with negative values: {_examples(ids[negative].tolist())}")
+            problems.append(f"{int(negative.sum())} row(s) with negative values: {examples(ids[negative].tolist())}")
         off = finite & (np.abs(v.sum(axis=1) - 1.0) > tolerance)
         if off.any():
             worst = float(np.abs(v[off].sum(axis=1) - 1.0).max())
             problems.append(
                 f"{int(off.sum())} row(s) do not sum to 1 within {tolerance:g} (worst off by {worst:.3g}): "
-                f"{_examples(ids[off].tolist())}"
+                f"{examples(ids[off].tolist())}"
             )
     if problems:
         raise SubmissionError("invalid submission: " + "; ".join(problems))

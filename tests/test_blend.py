@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 
+from rsna_infer.commands.fit_blend import add_arguments, run_cli
 from rsna_infer.constants import GROUPS
 from rsna_infer.metric import score_arrays
 from rsna_infer.models.ensemble import blend_logits
 from rsna_infer.models.manifest import Manifest, load_manifest, save_manifest
 from rsna_infer.specs import InputSpec, ModelEntry
 from rsna_infer.submission import priors_from_labels
-from rsna_infer.train.blend import OofSet, add_arguments, fit_blend, load_oof, run_cli
+from rsna_infer.train.blend import OofSet, fit_blend, load_oof
 from rsna_infer.train.manifests import member_name, set_blend_weights
 
 S = 240

@@ -10,6 +10,7 @@ from rsna_infer.constants import (
     SAG_T2,
     TARGETS,
 )
+from rsna_infer.io.labels import DataError, read_labels, truth_keypoints
 from rsna_infer.io.volume import Study, Volume
 from rsna_infer.keypoints import point_index
 from rsna_infer.train.cache import (
@@ -18,7 +19,7 @@ from rsna_infer.train.cache import (
     load_cached_study,
     save_study,
 )
-from rsna_infer.train.data import DataError, TrainingData, read_labels, truth_keypoints
+from rsna_infer.train.data import TrainingData
 
 
 def _sagittal(series_id, n=6, study_id=1, shuffle_instances=False):

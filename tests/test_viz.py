@@ -254,7 +254,7 @@ def test_demo_markers_land_on_their_keypoint_pixels(demo_qa, phantom_test_root):
 @pytest.mark.slow
 def test_cli_show_draws_the_ground_truth(phantom_train, tmp_path, capsys):
     """``rsna-infer show`` on a labelled (train) study: the truth is drawn at its label pixel."""
-    from rsna_infer.train.data import read_coordinates, truth_keypoints
+    from rsna_infer.io.labels import read_coordinates, truth_keypoints
 
     root = phantom_train.root
     labels = root / "train_label_coordinates.csv"

@@ -17,7 +17,6 @@ and mean nothing on real MRI.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import tempfile
@@ -88,6 +87,12 @@ class DemoResult:
     def ratio(self) -> float:
         """Model score / prior-only score (lower is better; < 1 means it learned something)."""
         return self.scores["model"]["total"] / self.scores["prior"]["total"]
+
+    def figures(self) -> dict[str, Any]:
+        """The figures as plain JSON-ready data (``rsna-infer demo --json``)."""
+        return {"n_studies": self.n_studies, "seed": self.seed, "scores": self.scores, "ratio": self.ratio,
+                "keypoint_mm": self.keypoint_mm, "keypoint_found": self.keypoint_found, "keypoints": self.keypoints,
+                "families": self.families, "mirror": self.mirror, "seconds": self.seconds}
 
 
 def _constant_submission(study_ids: list[int], probs: np.ndarray) -> pd.DataFrame:
@@ -296,42 +301,6 @@ def format_result(res: DemoResult) -> str:
     lines.append(f"time: phantom {res.seconds.get('synth', 0):.1f} s, predict {res.seconds.get('predict', 0):.1f} s")
     lines.append("The demo weights are trained on phantoms: they are meaningless on real MRI.")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--studies", type=int, default=20, help="phantom test studies (default 20)")
-    parser.add_argument("--seed", type=int, default=None, help="phantom seed (default: the demo's test seed, never used in training)")
-    parser.add_argument("--workdir", type=Path, default=None, help="keep the phantom, submission and run report here (default: a temp dir)")
-    parser.add_argument("--manifest", type=Path, default=None, help="demo manifest (default: the packaged one)")
-    parser.add_argument("--device", default="cpu", help="device for predict (default: cpu)")
-    parser.add_argument("--no-tta", action="store_true", help="no flip TTA")
-    parser.add_argument("--workers", type=int, default=0, help="predict preprocessing processes (default 0: in-process)")
-    parser.add_argument("--json", type=Path, default=None, help="also write the figures as JSON here")
-    parser.add_argument("--mirror", action="store_true",
-                        help="also predict the studies mirrored left/right in patient coordinates and compare the grades")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    if args.studies < 1:
-        print("error: --studies must be >= 1")
-        return 2
-    try:
-        res = run_demo(args.studies, args.seed, args.workdir, args.manifest, args.device, not args.no_tta, args.workers,
-                       mirror=args.mirror)
-    except DemoWeightsMissing as e:
-        print(f"error: {e}")
-        return 1
-    except ValueError as e:
-        print(f"error: {e}")
-        return 2
-    print(format_result(res))
-    if args.json is not None:
-        args.json.write_text(json.dumps({"n_studies": res.n_studies, "seed": res.seed, "scores": res.scores,
-                                         "ratio": res.ratio, "keypoint_mm": res.keypoint_mm,
-                                         "keypoint_found": res.keypoint_found, "keypoints": res.keypoints,
-                                         "families": res.families, "mirror": res.mirror, "seconds": res.seconds},
-                                        indent=1) + "\n")
-    return 0
 
 
 __all__ = ["CLASSES", "DemoResult", "DemoWeightsMissing", "check_demo_weights", "format_result", "run_demo"]

@@ -15,7 +15,7 @@ meta-less and enhanced files, unreadable folders, ...) and how.
 from .volume import Study, Volume  # noqa: I001  (first: the modules below import it)
 from .dicom import DECODER_HINT, MissingDecoderError, SliceRecord, decoder_problem, read_slice
 from .files import FolderListing, list_series_files, natural_key, scan_folder
-from .parallel import DEFAULT_PARALLEL, PARALLEL_MODES, decode_files, default_workers, iter_decode, make_executor
+from .parallel import DEFAULT_PARALLEL, PARALLEL_MODES, decode_files, default_workers, iter_decode, make_executor, usable_cpus
 from .series import read_series, series_from_records
 from .stacks import build_stacks
 from .discovery import (
@@ -63,6 +63,7 @@ __all__ = [
     "save_dataset",
     "scan_folder",
     "series_from_records",
+    "usable_cpus",
     "write_slice",
     "write_volume",
 ]

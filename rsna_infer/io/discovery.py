@@ -23,6 +23,7 @@ import numpy as np
 
 from ..constants import AXIAL_T2, SAG_T1, SAG_T2, SERIES_TYPES
 from ..geometry import plane_of
+from ..validate import examples
 from .dicom import SliceRecord, read_slice
 from .files import MISSING_FOLDER, list_series_files, scan_folder
 
@@ -171,16 +172,12 @@ def _from_csv(img: Path, csv_path: Path) -> list[StudyRef]:
         extra_series += [f"{st.study_id}/{p.name}" for p in sorted(_subfolders(st.path)) if p.name not in named]
     if extra_series:
         logger.info("%d series folder(s) not listed in %s are ignored: %s", len(extra_series), csv_path,
-                    _examples(extra_series))
+                    examples(extra_series, quote=False))
     extra = sorted(p.name for p in _subfolders(img) if p.name.isdigit() and int(p.name) not in studies)
     if extra:
         logger.warning("%d study folder(s) under %s are not listed in %s and get no rows: %s", len(extra), img,
-                       csv_path, _examples(extra))
+                       csv_path, examples(extra, quote=False))
     return [studies[k] for k in sorted(studies)]
-
-
-def _examples(names: list[str], k: int = 5) -> str:
-    return ", ".join(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
 def _clean_description(value: object) -> str | None:

@@ -22,13 +22,18 @@ PARALLEL_MODES: tuple[str, ...] = ("sequential", "thread", "process")
 DEFAULT_PARALLEL = "thread"
 
 
-def default_workers() -> int:
-    """Pool size when the caller does not say: the CPUs this process may use, at most 8."""
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, not the
+    machine's count): the one count every default pool size starts from."""
     try:
-        n = len(os.sched_getaffinity(0))
+        return max(1, len(os.sched_getaffinity(0)))
     except AttributeError:  # not on Linux
-        n = os.cpu_count() or 1
-    return max(1, min(8, n))
+        return os.cpu_count() or 1
+
+
+def default_workers() -> int:
+    """Decoding pool size when the caller does not say: `usable_cpus`, at most 8."""
+    return min(8, usable_cpus())
 
 
 def make_executor(parallel: str = DEFAULT_PARALLEL, workers: int | None = None) -> Executor | None:

@@ -21,13 +21,11 @@ name the field or file. Importing this module does not import torch.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,7 +33,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import CONDITIONS, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
-from ..specs import ModelEntry, SpecError
+from ..output import atomic_copy, atomic_write_text
+from ..specs import NAME_PATTERN, ModelEntry, SpecError
+from ..validate import head, parse_fields
 
 if TYPE_CHECKING:
     from torch import nn
@@ -45,9 +45,7 @@ logger = logging.getLogger(__name__)
 #: Manifest format version this code reads and writes.
 MANIFEST_VERSION = 1
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 _SHA_RE = re.compile(r"^[0-9a-f]{64}$")
-_TOP_FIELDS = {"version", "notes", "priors", "split", "prior_groups", "models"}
 
 
 class ManifestError(ValueError):
@@ -93,7 +91,7 @@ class Manifest:
         if dup:
             raise ManifestError(f"{self._where()}duplicate model name(s) {dup}; names must be unique")
         for m in self.models:
-            if not _NAME_RE.match(m.name):
+            if not NAME_PATTERN.match(m.name):
                 raise ManifestError(
                     f"{self._where()}model name {m.name!r} must be letters, digits, '_', '.', '-' (it names files and report rows)"
                 )
@@ -179,24 +177,26 @@ class Manifest:
     def check_files(self, verify: bool = False) -> None:
         """Every weight file exists (and, with ``verify``, matches its sha256)."""
         for m in self.models:
-            p = self.resolve(m)
-            if not p.is_file():
+            try:
+                self.check_file(m, verify=verify)
+            except ManifestError as e:
+                raise ManifestError(f"{self._where()}model {m.name!r}: {e}") from None
+
+    def check_file(self, entry: ModelEntry, verify: bool = False) -> Path:
+        """``entry``'s weight file, which exists (and, with ``verify``, matches its sha256);
+        `ManifestError` says which check failed (the caller names the model)."""
+        p = self.resolve(entry)
+        if not p.is_file():
+            raise ManifestError(f"weights file not found: {p} (entry file {entry.file!r}, relative to {self.root})")
+        if verify:
+            if not entry.sha256:
+                raise ManifestError(f"no sha256 recorded for {p}; add it with `rsna-infer manifest add` or export_model")
+            got = sha256_file(p)
+            if got != entry.sha256:
                 raise ManifestError(
-                    f"{self._where()}model {m.name!r}: weights file not found: {p} "
-                    f"(entry file {m.file!r}, relative to {self.root})"
+                    f"sha256 mismatch for {p}: manifest says {entry.sha256}, file has {got} (wrong or corrupted weights file)"
                 )
-            if verify:
-                if not m.sha256:
-                    raise ManifestError(
-                        f"{self._where()}model {m.name!r}: no sha256 recorded for {p}; "
-                        "add it with `rsna-infer manifest add` or export_model"
-                    )
-                got = sha256_file(p)
-                if got != m.sha256:
-                    raise ManifestError(
-                        f"{self._where()}model {m.name!r}: sha256 mismatch for {p}: manifest says {m.sha256}, "
-                        f"file has {got} (wrong or corrupted weights file)"
-                    )
+        return p
 
     def to_dict(self, relative_to: Path | None = None) -> dict[str, Any]:
         """JSON-ready dict; entry files are rewritten relative to ``relative_to`` when given."""
@@ -240,49 +240,47 @@ def load_manifest(path: str | os.PathLike, verify: bool = False, check_files: bo
 
 def manifest_from_dict(data: Any, root: str | os.PathLike = ".", path: Path | None = None) -> Manifest:
     """Validate a parsed manifest (files are not checked; see `Manifest.check_files`)."""
-    where = f"manifest {path}: " if path else "manifest: "
+    where = f"manifest {path}" if path else "manifest"
     if not isinstance(data, dict):
-        raise ManifestError(f"{where}top level must be an object with 'models', got {type(data).__name__}")
-    unknown = set(data) - _TOP_FIELDS
-    if unknown:
-        raise ManifestError(f"{where}unknown field(s) {sorted(unknown)}; allowed {sorted(_TOP_FIELDS)}")
-    version = data.get("version", MANIFEST_VERSION)
-    if isinstance(version, bool) or version != MANIFEST_VERSION:  # True == 1 in Python; not here
-        raise ManifestError(f"{where}version {version!r} is not supported; this rsna_infer reads version {MANIFEST_VERSION}")
-    models_raw = data.get("models")
-    if not isinstance(models_raw, list):
-        raise ManifestError(f"{where}'models' must be a list of model entries")
-    models = []
-    for i, d in enumerate(models_raw):
+        raise ManifestError(f"{where}: top level must be an object with 'models', got {type(data).__name__}")
+
+    def version(value: Any, label: str) -> int:
+        if isinstance(value, bool) or value != MANIFEST_VERSION:  # True == 1 in Python; not here
+            raise ManifestError(f"{where}: version {value!r} is not supported; this rsna_infer reads version {MANIFEST_VERSION}")
+        return int(value)
+
+    def models(value: Any, label: str) -> list[ModelEntry]:
+        if not isinstance(value, list):
+            raise ManifestError(f"{where}: 'models' must be a list of model entries")
+        out = []
+        for i, d in enumerate(value):
+            try:
+                out.append(ModelEntry.from_dict(d))
+            except (SpecError, TypeError, ValueError) as e:
+                raise ManifestError(f"{where}: models[{i}]: {e}") from None
+        return out
+
+    def priors(value: Any, label: str) -> np.ndarray:
         try:
-            models.append(ModelEntry.from_dict(d))
-        except (SpecError, TypeError, ValueError) as e:
-            raise ManifestError(f"{where}models[{i}]: {e}") from None
-    notes = data.get("notes", "")
-    if not isinstance(notes, str):
-        raise ManifestError(f"{where}'notes' must be a string")
-    try:
-        priors = _check_priors(data["priors"], "priors") if "priors" in data else default_priors()
-    except ManifestError as e:
-        raise ManifestError(f"{where}{e}") from None
-    split = data.get("split", "")
-    if not isinstance(split, str):
-        raise ManifestError(f"{where}'split' must be a string (a fold split id)")
-    prior_groups = data.get("prior_groups", [])
-    if not isinstance(prior_groups, list) or not all(isinstance(g, str) for g in prior_groups):
-        raise ManifestError(f"{where}'prior_groups' must be a list of condition group names, some of {list(GROUPS)}")
-    return Manifest(
-        models=models, priors=priors, notes=notes, version=version, root=Path(root).resolve(), path=path,
-        priors_given="priors" in data, split=split, prior_groups=tuple(prior_groups),
-    )
+            return _check_priors(value, "priors")
+        except ManifestError as e:
+            raise ManifestError(f"{where}: {e}") from None
+
+    def prior_groups(value: Any, label: str) -> tuple[str, ...]:
+        if not isinstance(value, list) or not all(isinstance(g, str) for g in value):
+            raise ManifestError(f"{where}: 'prior_groups' must be a list of condition group names, some of {list(GROUPS)}")
+        return tuple(value)
+
+    kw = parse_fields(Manifest, data, where, sep=": ", error=ManifestError, required=("models",),
+                      skip=("root", "path", "sha256", "priors_given"),
+                      convert={"version": version, "models": models, "priors": priors, "prior_groups": prior_groups})
+    return Manifest(**kw, root=Path(root).resolve(), path=path, priors_given="priors" in data)
 
 
 def save_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
     """Write ``manifest`` as JSON at ``path``; entry files are made relative to its folder."""
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    from ..output import atomic_write_text
-
     return atomic_write_text(path, json.dumps(manifest.to_dict(relative_to=path.parent), indent=2) + "\n")
 
 
@@ -336,7 +334,7 @@ def export_model(model: "nn.Module", entry: ModelEntry, out_dir: str | os.PathLi
     """
     from safetensors.torch import save_model
 
-    if not _NAME_RE.match(entry.name):
+    if not NAME_PATTERN.match(entry.name):
         raise ManifestError(f"model name {entry.name!r} must be letters, digits, '_', '.', '-' (it becomes a file name)")
     out_dir = Path(out_dir)
     rel = Path(subdir) / f"{entry.name}.safetensors"
@@ -371,13 +369,9 @@ def load_weights(model: "nn.Module", path: str | os.PathLike, strict: bool = Tru
     if strict and (missing or unexpected):
         raise ManifestError(
             f"{path}: weights do not match the model architecture: "
-            f"{len(missing)} missing key(s) {_head(missing)}, {len(unexpected)} unexpected key(s) {_head(unexpected)}"
+            f"{len(missing)} missing key(s) {head(missing)}, {len(unexpected)} unexpected key(s) {head(unexpected)}"
         )
     return missing, unexpected
-
-
-def _head(keys: list[str], n: int = 5) -> str:
-    return str(keys[:n]) + (" ..." if len(keys) > n else "")
 
 
 # -- resolution of the manifest to use -------------------------------------------------------
@@ -433,40 +427,7 @@ def resolve_manifest_path(manifest: str | os.PathLike | None = None) -> tuple[Pa
     )
 
 
-# -- command line: rsna-infer manifest add|verify|summary ------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    sub = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
-    a = sub.add_parser("add", help="add a model (entry JSON + weights file) to a manifest (created if absent)")
-    a.add_argument("manifest", type=Path, help="manifest JSON to create or update")
-    a.add_argument("--entry", type=Path, required=True, help="JSON file with one model entry (file/sha256 are filled in)")
-    a.add_argument("--weights", type=Path, required=True, help="safetensors weights of that model")
-    a.add_argument("--replace", action="store_true", help="replace an existing entry of the same name")
-    a.add_argument("--no-copy", action="store_true", help="reference the weights where they are instead of copying them into MANIFEST_DIR/weights/")
-    v = sub.add_parser("verify", help="sha256 + strict load + one dummy forward for every model")
-    v.add_argument("manifest", type=Path)
-    v.add_argument("--device", default="cpu", help="device for the dummy forwards (default: cpu)")
-    s = sub.add_parser("summary", help="table of the models by stage/family/fold with their blend weights")
-    s.add_argument("manifest", type=Path)
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    try:
-        if args.action == "add":
-            entry = add_model(args.manifest, args.entry, args.weights, replace_existing=args.replace, copy=not args.no_copy)
-            print(f"added {entry.name} ({entry.family}/{entry.variant}, {entry.arch}, fold {entry.fold}) -> {args.manifest}")
-            return 0
-        if args.action == "verify":
-            return _cli_verify(args.manifest, args.device)
-        if args.action == "summary":
-            man = load_manifest(args.manifest, check_files=False)
-            print(summary_table(man))
-            return 0
-    except ManifestError as e:
-        print(f"error: {e}")
-        return 1
-    raise ValueError(f"unknown action {args.action!r}")
+# -- editing and listing (``rsna-infer manifest``, `rsna_infer.commands.manifest`) ----------------
 
 
 def add_model(
@@ -498,7 +459,7 @@ def add_model(
         dest = manifest_path.parent / "weights" / f"{entry.name}.safetensors"
         dest.parent.mkdir(parents=True, exist_ok=True)
         if dest.resolve() != weights:
-            shutil.copyfile(weights, dest)
+            atomic_copy(weights, dest)
     else:
         dest = weights
     digest = sha256_file(dest)
@@ -514,7 +475,7 @@ def add_model(
 
 def summary_table(man: Manifest) -> str:
     """A fixed-width table of the manifest's models (torch-free)."""
-    head = ("name", "stage", "family", "variant", "arch", "fold", "input", *(f"w_{g[:4]}" for g in GROUPS), "MB")
+    header = ("name", "stage", "family", "variant", "arch", "fold", "input", *(f"w_{g[:4]}" for g in GROUPS), "MB")
     rows = []
     for m in sorted(man.models, key=lambda e: (e.stage, e.family, e.variant, e.arch, e.fold, e.name)):
         p = man.resolve(m)
@@ -524,9 +485,9 @@ def summary_table(man: Manifest) -> str:
         else:
             w = ["-"] * len(GROUPS)
         rows.append((m.name, str(m.stage), m.family, m.variant, m.arch, str(m.fold), "x".join(map(str, m.input.size)), *w, size))
-    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    lines = [fmt(head), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
+    lines = [fmt(header), fmt(tuple("-" * w for w in widths)), *map(fmt, rows)]
     lines.append(
         f"{len(man.models)} model(s): {len(man.stage1)} stage-1, {len(man.stage2)} stage-2; "
         f"priors: {'from the manifest' if man.priors_given else 'default (rsna_infer.submission.DEFAULT_PRIORS)'}"
@@ -534,32 +495,3 @@ def summary_table(man: Manifest) -> str:
     if man.notes:
         lines.append(f"notes: {man.notes}")
     return "\n".join(lines)
-
-
-def _cli_verify(path: Path, device: str) -> int:
-    from .members import load_member
-
-    man = load_manifest(path, check_files=False)
-    failed, whole = 0, 0
-    try:
-        man.check_for_prediction()
-    except ManifestError as e:
-        whole = 1
-        print(f"FAIL  manifest: {e}")
-    for m in man.models:
-        try:
-            p = man.resolve(m)
-            if not p.is_file():
-                raise ManifestError(f"weights file not found: {p}")
-            if not m.sha256:
-                raise ManifestError(f"no sha256 recorded for {p}")
-            got = sha256_file(p)
-            if got != m.sha256:
-                raise ManifestError(f"sha256 mismatch for {p}: manifest {m.sha256}, file {got}")
-            load_member(m, p, device=device, tta=True)
-            print(f"ok    {m.name}")
-        except Exception as e:  # report every model, not just the first failure
-            failed += 1
-            print(f"FAIL  {m.name}: {e}")
-    print(f"{len(man.models) - failed}/{len(man.models)} model(s) verified")
-    return 1 if failed or whole else 0

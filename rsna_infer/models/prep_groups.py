@@ -16,11 +16,11 @@ after the keypoints they read exist.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from ..io.parallel import usable_cpus
 from ..specs import STAGE1_FAMILIES, STAGE2_FAMILIES, ModelEntry
 
 if TYPE_CHECKING:
@@ -82,10 +82,6 @@ def preparation_groups(
 
 def default_num_workers(cpus: int | None = None) -> int:
     """Loading workers by default: one per spare core, at most 4 (Kaggle has 4 CPUs).
-    ``cpus``: of another machine (the projection); default this process's usable cores."""
-    if cpus is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            cpus = os.cpu_count() or 1
-    return max(0, min(4, int(cpus) - 1))
+    ``cpus``: of another machine (the projection); default this process's
+    (`rsna_infer.io.parallel.usable_cpus`)."""
+    return max(0, min(4, int(usable_cpus() if cpus is None else cpus) - 1))

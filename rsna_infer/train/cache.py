@@ -7,7 +7,7 @@ and geometry. Its name carries
 a hash of the study folder (file names, sizes, modification times) and of the cache format,
 so an edited study or a new format is decoded again instead of read stale. Writes go to a
 temporary file that is renamed into place, so parallel workers or ranks never read a half
-written file.
+written file (`rsna_infer.output.atomic_write`).
 
 ``rsna-infer cache --data ROOT --cache DIR --workers N`` fills the cache before training
 (decoding ~2,000 studies takes a while; better once, in parallel, than inside the first
@@ -17,18 +17,16 @@ epoch); under torchrun the ranks share whatever is left (`StudyCache.ensure` wit
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from ..io.volume import Study, Volume
+from ..output import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -90,15 +88,7 @@ def save_study(study: Study, path: str | Path) -> Path:
     meta = {"format": CACHE_FORMAT, "study_id": int(study.study_id), "warnings": list(study.warnings),
             "volumes": vols_meta, "types": list(study.volumes)}
     arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays), binary=True)
 
 
 def load_cached_study(path: str | Path) -> Study:
@@ -227,29 +217,3 @@ class StudyCache:
             self._mem[study_id] = study
             self._mem_bytes += size
         return study
-
-
-# -- command line: rsna-infer cache ------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout training root")
-    parser.add_argument("--cache", type=Path, default=None, help="cache folder (default: ROOT/.rsna_infer_cache)")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: every core)")
-    parser.add_argument("--no-progress", action="store_true")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from .data import DataError, TrainingData
-
-    try:
-        data = TrainingData.open(args.data, cache_dir=args.cache)
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
-    before = sum(data.cache.path(s).is_file() for s in data.study_ids)
-    done = data.cache.ensure(data.study_ids, progress=not args.no_progress, workers=max(0, args.workers))
-    missing = sum(not data.cache.path(s).is_file() for s in data.study_ids)
-    print(f"{len(data.study_ids)} studies: {before} were cached, {done} decoded now"
-          f"{f', {missing} NOT decodable (see the warnings; training skips them)' if missing else ''} -> {data.cache.cache_dir}")
-    return 0

@@ -11,13 +11,14 @@ inputs from different splits (`check_same_split`) with a message that names both
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import logging
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from ..output import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def make_folds(study_ids: list[int] | np.ndarray, labels: np.ndarray | None, n_f
 def save_folds(folds: pd.DataFrame, path: str | Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    folds[["study_id", "fold"]].to_csv(path, index=False)
+    atomic_write(path, lambda fh: folds[["study_id", "fold"]].to_csv(fh, index=False))
     return path
 
 
@@ -115,29 +116,3 @@ def split(folds: pd.DataFrame, fold: int) -> tuple[list[int], list[int]]:
         raise ValueError(f"fold {fold} is not in the split (folds {known})")
     val = folds["fold"] == fold
     return sorted(ids[~val].tolist()), sorted(ids[val].tolist())
-
-
-# -- command line: rsna-infer folds -------------------------------------------------------------
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="Kaggle-layout training root (train.csv, train_images/)")
-    parser.add_argument("--out", type=Path, required=True, help="folds CSV to write (study_id,fold)")
-    parser.add_argument("--n-folds", type=int, default=5, help="number of folds (default 5)")
-    parser.add_argument("--seed", type=int, default=42, help="shuffle seed (default 42)")
-
-
-def run_cli(args: argparse.Namespace) -> int:
-    from .data import DataError, TrainingData
-
-    try:
-        data = TrainingData.open(args.data)
-        folds = make_folds(data.study_ids, data.label_array(data.study_ids), args.n_folds, args.seed)
-    except (DataError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}")
-        return 2
-    save_folds(folds, args.out)
-    sizes = folds["fold"].value_counts().sort_index()
-    print(f"{len(folds)} studies in {args.n_folds} folds ({', '.join(str(int(n)) for n in sizes)}), "
-          f"split {split_id(folds)} -> {args.out}")
-    return 0

@@ -5,7 +5,7 @@
 - `rsna_infer.viz.rank`: how studies are ranked for QA.
 - `rsna_infer.viz.draw`: PNGs (Pillow) of model-input slices with keypoints and crop grids.
 - `rsna_infer.viz.pages`: the self-contained HTML pages (one per study, one index per run).
-- ``rsna-infer show`` (`rsna_infer.viz.show`): the page of one study.
+- ``rsna-infer show`` (`rsna_infer.commands.show`): the page of one study.
 
 Pillow is an optional dependency (the ``[viz]`` extra; Kaggle's image has it). Importing
 this package does not import it; asking for pictures without it fails fast with

@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run_cli(args: argparse.Namespace) -> int:
     from ..inference.engine import predict
     from ..models.manifest import ManifestError
-    from . import VizUnavailable
+    from ..viz import VizUnavailable
 
     out: Path = args.out
     try:

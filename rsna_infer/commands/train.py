@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from .config import ConfigError, load_config, parse_override
+from ..train.config import ConfigError, load_config, parse_override
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +74,12 @@ def _folds_to_run(fold: int | None, folds: list[int]) -> list[int]:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from ..io.labels import DataError
     from ..models.manifest import ManifestError
-    from .data import DataError
-    from .folds import SplitError
-    from .init_weights import InitError
-    from .trainer import TrainError
-    from .validation import ValidationError
+    from ..train.folds import SplitError
+    from ..train.init_weights import InitError
+    from ..train.trainer import TrainError
+    from ..train.validation import ValidationError
 
     return ConfigError, DataError, SplitError, InitError, TrainError, ValidationError, ManifestError, FileNotFoundError
 
@@ -103,8 +103,8 @@ def run_cli(args: argparse.Namespace) -> int:
     if not args.data.is_dir():
         print(f"error: --data {args.data} is not a folder")
         return 2
-    from .data import TrainingData
-    from .trainer import resolve_split, train_folds
+    from ..train.data import TrainingData
+    from ..train.trainer import resolve_split, train_folds
 
     try:
         data = TrainingData.open(args.data, cache_dir=args.cache)
@@ -115,7 +115,7 @@ def run_cli(args: argparse.Namespace) -> int:
     except _user_errors() as e:
         print(f"error: {e}")
         return 2
-    from .distributed import env_info
+    from ..train.distributed import env_info
 
     if env_info().is_main:
         for res in results:
@@ -125,8 +125,8 @@ def run_cli(args: argparse.Namespace) -> int:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from ..models.manifest import load_manifest
-    from .manifests import merge_manifests
+    from ..models.manifest import demo_entries, load_manifest
+    from ..train.manifests import merge_manifests
 
     if args.out is None:
         print("error: --merge needs --out")
@@ -137,8 +137,6 @@ def _merge(args: argparse.Namespace) -> int:
         print(f"error: {e}")
         return 2
     man = load_manifest(path)
-    from ..models.manifest import demo_entries
-
     demo = demo_entries(man)
     print(f"merged {len(args.merge)} manifest(s): {len(man.stage1)} stage-1 and {len(man.stage2)} stage-2 model(s), "
           f"split {man.split or 'unrecorded'} -> {path}" + ("" if args.no_copy else f" (weights copied into {args.out / 'weights'})"))
@@ -152,10 +150,10 @@ def _oof_keypoints(args: argparse.Namespace) -> int:
     if missing:
         print(f"error: --oof-keypoints needs {', '.join(missing)}")
         return 2
-    from .data import TrainingData
-    from .folds import load_folds, split_id
-    from .keypoint_store import save_keypoints
-    from .oof_keypoints import predict_oof_keypoints
+    from ..train.data import TrainingData
+    from ..train.folds import load_folds, split_id
+    from ..train.keypoint_store import save_keypoints
+    from ..train.oof_keypoints import predict_oof_keypoints
 
     try:
         data = TrainingData.open(args.data, cache_dir=args.cache)
