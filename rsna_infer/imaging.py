@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .specs import NormSpec, SpecError
+from .validate import parse_fields
 
 if TYPE_CHECKING:
     from .io.volume import Volume
@@ -362,14 +363,7 @@ class AugSpec:
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> "AugSpec":
-        d = extra.get("aug") or {}
-        if not isinstance(d, dict):
-            raise SpecError(f"input.extra.aug must be an object, got {type(d).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"input.extra.aug: unknown field(s) {sorted(unknown)}; allowed {sorted(known)}")
-        aug = cls(**d)
+        aug = cls(**parse_fields(cls, extra.get("aug") or {}, "input.extra.aug", error=SpecError))
         for name in ("ap_flip", "lr_flip"):
             if not 0.0 <= getattr(aug, name) <= 1.0:
                 raise SpecError(f"input.extra.aug.{name} is a probability in [0, 1], got {getattr(aug, name)}")

@@ -8,28 +8,33 @@ validated instantly.
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .constants import GROUPS
+from .validate import FieldError, coerce, integer, optional_dict, parse_fields
+
 if TYPE_CHECKING:
     from .io.volume import Volume
 
-from .constants import GROUPS
-
-#: Stage-1 families (keypoints) in the order the predictor runs them: later ones may use
-#: earlier ones' keypoints (the axial xy model needs the level classifier's slices).
 #: How a member's weights may be held on a GPU (`ModelEntry.precision`).
 WEIGHT_PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+#: Stage-1 families (keypoints) in the order the predictor runs them: later ones may use
+#: earlier ones' keypoints (the axial xy model needs the level classifier's slices).
 STAGE1_FAMILIES: tuple[str, ...] = ("sag2d", "sag3d", "axial3d", "axial_level", "axial_xy")
 #: Stage-2 families (grades): three-view fusion (model1) and per-view ROI (model2).
 STAGE2_FAMILIES: tuple[str, ...] = ("fusion", "roi")
 FAMILIES: tuple[str, ...] = STAGE1_FAMILIES + STAGE2_FAMILIES
+#: What a model name (and a training config's name, its prefix) may hold: it names files and
+#: report rows.
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
-class SpecError(ValueError):
-    """A manifest entry or input spec is invalid; the message names the field."""
+class SpecError(FieldError):
+    """A manifest entry, input spec or family option is invalid; the message names the field."""
 
 
 @dataclass(frozen=True)
@@ -95,46 +100,30 @@ class InputSpec:
             raise SpecError(f"input.crop_mm must be > 0, got {self.crop_mm}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "InputSpec":
-        if not isinstance(d, dict):
-            raise SpecError(f"input must be an object, got {type(d).__name__}")
-        known = {"size", "n_slices", "in_chans", "crop_mm", "norm", "extra"}
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"input: unknown field(s) {sorted(unknown)}; allowed {sorted(known)}")
-        if "size" not in d:
-            raise SpecError("input.size is required")
-        norm = d.get("norm") or {}
+    def from_dict(cls, d: Any, context: str = "") -> "InputSpec":
+        """Validated spec from a manifest's or config's ``input`` object (``context`` prefixes
+        every message, e.g. ``"model 'm0': "``)."""
+        where = f"{context}input"
+
+        def norm(value: Any, label: str) -> NormSpec:
+            try:
+                return NormSpec(**parse_fields(NormSpec, value or {}, label, error=SpecError))
+            except SpecError as e:
+                raise SpecError(e if str(e).startswith(label) else f"{where}.{e}") from None
+
+        kw = parse_fields(cls, d, where, error=SpecError, convert={
+            "size": lambda v, label: coerce(v, tuple, label), "n_slices": integer, "in_chans": integer,
+            "norm": norm, "extra": optional_dict,
+        })
         try:
-            norm_spec = NormSpec(**norm)
-        except TypeError as e:
-            raise SpecError(f"input.norm: {e}") from None
-        return cls(
-            size=tuple(d["size"]),
-            n_slices=int(d.get("n_slices", 1)),
-            in_chans=int(d.get("in_chans", 1)),
-            crop_mm=None if d.get("crop_mm") is None else float(d["crop_mm"]),
-            norm=norm_spec,
-            extra=dict(d.get("extra") or {}),
-        )
+            return cls(**kw)
+        except SpecError as e:
+            raise SpecError(f"{context}{e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["size"] = list(self.size)
         return d
-
-
-def _integer(value: Any, what: str) -> int:
-    """``value`` as an int; ``true``/``false`` and fractions are refused (a bool is not a number here)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise SpecError(f"{what} must be an integer, got {value!r}")
-    try:
-        out = int(value)
-    except ValueError:
-        raise SpecError(f"{what} must be an integer, got {value!r}") from None
-    if isinstance(value, float) and out != value:
-        raise SpecError(f"{what} must be an integer, got {value!r}")
-    return out
 
 
 @dataclass
@@ -185,38 +174,26 @@ class ModelEntry:
                 raise SpecError(f"model {self.name!r}: blend weight for {g!r} must be finite and >= 0, got {w}")
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelEntry":
-        if not isinstance(d, dict):
-            raise SpecError(f"model entry must be an object, got {type(d).__name__}")
-        name = d.get("name", "<unnamed>")
-        required = ("name", "family", "variant", "arch", "input", "file")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise SpecError(f"model {name!r}: missing field(s) {missing}")
-        known = set(required) | {"sha256", "fold", "arch_kwargs", "model_kwargs", "blend", "stage", "precision"}
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"model {name!r}: unknown field(s) {sorted(unknown)}")
+    def from_dict(cls, d: Any) -> "ModelEntry":
+        """Validated entry from a manifest's model object (``stage`` is optional and must
+        match the family)."""
+        name = d.get("name", "<unnamed>") if isinstance(d, dict) else "<unnamed>"
+        where = f"model {name!r}"
+        kw = parse_fields(cls, d, where if isinstance(d, dict) else "model entry", sep=": ", error=SpecError,
+                          ignore=("stage",), convert={
+            "input": lambda v, label: InputSpec.from_dict(v, context=f"{where}: "),
+            "fold": integer,
+            "arch_kwargs": optional_dict,
+            "model_kwargs": optional_dict,
+            "blend": lambda v, label: {str(k): float(w) for k, w in optional_dict(v, label).items()},
+        })
+        entry = cls(**kw)
         try:
-            spec = InputSpec.from_dict(d["input"])
-        except SpecError as e:
-            raise SpecError(f"model {name!r}: {e}") from None
-        entry = cls(
-            name=str(d["name"]),
-            family=str(d["family"]),
-            variant=str(d["variant"]),
-            arch=str(d["arch"]),
-            input=spec,
-            file=str(d["file"]),
-            sha256=str(d.get("sha256", "")),
-            fold=_integer(d.get("fold", 0), f"model {name!r}: fold"),
-            arch_kwargs=dict(d.get("arch_kwargs") or {}),
-            model_kwargs=dict(d.get("model_kwargs") or {}),
-            blend={str(k): float(v) for k, v in (d.get("blend") or {}).items()},
-            precision=str(d.get("precision", "auto")),
-        )
-        if "stage" in d and _integer(d["stage"], f"model {name!r}: stage") != entry.stage:
-            raise SpecError(f"model {name!r}: stage {d['stage']} does not match family {entry.family!r} (stage {entry.stage})")
+            stage = integer(d["stage"], f"{where}: stage") if "stage" in d else entry.stage
+        except FieldError as e:
+            raise SpecError(str(e)) from None
+        if stage != entry.stage:
+            raise SpecError(f"{where}: stage {d['stage']} does not match family {entry.family!r} (stage {entry.stage})")
         return entry
 
     def to_dict(self) -> dict[str, Any]:

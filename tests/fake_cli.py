@@ -8,7 +8,8 @@ import predict_fakes
 
 from rsna_infer.models import registry
 
-registry._FAMILY_PATHS.update(predict_fakes.FAKE_PATHS)
+for name, path in predict_fakes.FAKE_PATHS.items():
+    registry.register_family(name, path)
 
 import rsna_infer.inference.engine as predictor  # noqa: E402
 

@@ -4,7 +4,7 @@ The fakes are real `Family` subclasses (the predictor cannot tell them apart fro
 stage-1/2 code): a keypoint family that regresses 5 spinal points on the centre sagittal
 T2 slice, and a grader that reads a patch around those points. Their networks have a few
 hundred parameters, so a whole run takes well under a second per study. They are registered
-by patching ``rsna_infer.models.registry._FAMILY_PATHS`` (see `use_fake_families`; `fake_cli.py`
+with ``rsna_infer.models.registry.register_family`` (see `use_fake_families`; `fake_cli.py`
 does the same for a real ``rsna-infer`` process). Model kwargs steer failures and costs:
 ``fail_on`` (study ids whose prepare raises), ``nan_on`` (study ids whose output is NaN),
 ``raise_on`` (study ids whose presence makes a batch raise), ``cost`` (seconds a forward adds
@@ -213,11 +213,13 @@ FAKE_PATHS = {"sag2d": f"{__name__}:FakeSag", "roi": f"{__name__}:FakeGrader"}
 
 
 def use_fake_families(monkeypatch) -> None:
-    """Point the registry's sag2d and roi at the fakes for one test."""
+    """Point the registry's sag2d and roi at the fakes for one test (on a copy of the
+    registry that ``monkeypatch`` puts back after it)."""
     from rsna_infer.models import registry
 
+    monkeypatch.setattr(registry, "FAMILY_PATHS", dict(registry.FAMILY_PATHS))
     for k, v in FAKE_PATHS.items():
-        monkeypatch.setitem(registry._FAMILY_PATHS, k, v)
+        registry.register_family(k, v)
 
 
 def fake_entries(**over) -> list[dict]:

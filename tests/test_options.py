@@ -47,11 +47,3 @@ def test_every_family_declares_its_options_and_the_docs_name_them(family):
     docs = (DOCS / ("stage1.md" if family in ("sag2d", "sag3d", "axial3d", "axial_level", "axial_xy") else "stage2.md")).read_text()
     for name in [*cls.options_type.describe(), *cls.input_options_type.describe()]:
         assert f"`{name}`" in docs, f"{family}: option {name!r} is not documented"
-
-
-def test_the_docs_tables_of_a_family_name_both_sections():
-    from rsna_infer.options import family_tables
-
-    text = family_tables("sag2d")
-    assert "sag2d `model_kwargs`:" in text and "sag2d `input.extra`:" in text
-    assert "| `foramen_offset_mm` | `18.0` |" in text and "| `sampled_slices` |" in text

@@ -22,6 +22,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..output import atomic_write_text
+from ..validate import parse_fields
+
 #: Calibration file format version this code reads and writes.
 CALIBRATION_VERSION = 1
 
@@ -137,36 +140,34 @@ class Calibration:
     def save(self, path: str | os.PathLike) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=float) + "\n")
-        return path
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2, default=float) + "\n")
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Calibration":
         """Read and validate a calibration file; `ValueError` names what is wrong."""
         path = Path(path)
+        where = f"calibration {path}"
         try:
             d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
-            raise ValueError(f"calibration {path}: cannot read ({e})") from None
+            raise ValueError(f"{where}: cannot read ({e})") from None
         if not isinstance(d, dict) or d.get("version") != CALIBRATION_VERSION:
-            raise ValueError(f"calibration {path}: expected an object with version {CALIBRATION_VERSION} "
+            raise ValueError(f"{where}: expected an object with version {CALIBRATION_VERSION} "
                              "(written by benchmarks/gpu_check.py)")
-        try:
-            members = {}
-            for m in d.get("members", []):
-                t = MemberTiming(str(m["signature"]), str(m["name"]), int(m["batch"]), float(m["flops_per_call"]),
-                                 float(m["seconds_per_call"]))
-                members[t.signature] = t
-            overall = float(d["overall_tflops"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"calibration {path}: bad field ({type(e).__name__}: {e})") from None
-        if not overall > 0:
-            raise ValueError(f"calibration {path}: overall_tflops must be > 0, got {overall}")
-        return cls(
-            device_name=str(d.get("device_name", "")), kind=d.get("kind"), overall_tflops=overall, members=members,
-            torch_version=str(d.get("torch_version", "")), precision=str(d.get("precision", "")),
-            created=str(d.get("created", "")), extra=dict(d.get("extra") or {}), path=path,
-        )
+
+        def members(value: Any, label: str) -> dict[str, MemberTiming]:
+            if not isinstance(value, list):
+                raise ValueError(f"{label} must be a list, got {type(value).__name__}")
+            timings = [MemberTiming(**parse_fields(MemberTiming, m, f"{label}[{i}]", error=ValueError,
+                                                   ignore=("effective_tflops",)))
+                       for i, m in enumerate(value)]
+            return {t.signature: t for t in timings}
+
+        cal = cls(**parse_fields(cls, d, where, sep=": ", error=ValueError, ignore=("version",), skip=("path",),
+                                 convert={"members": members}), path=path)
+        if not cal.overall_tflops > 0:
+            raise ValueError(f"{where}: overall_tflops must be > 0, got {cal.overall_tflops}")
+        return cal
 
     def throughput(self, gpu: GpuKind, signature: str) -> tuple[float, str]:
         """Effective TFLOP/s of ``signature`` on ``gpu`` and how it was obtained.

@@ -27,6 +27,7 @@ import numpy as np
 
 from ..imaging import augment_intensity
 from ..specs import SpecError
+from ..validate import parse_fields
 
 if TYPE_CHECKING:
     from ..io.volume import Volume
@@ -52,17 +53,7 @@ class CropAugment:
 
     @classmethod
     def from_extra(cls, extra: dict[str, Any]) -> CropAugment:
-        d = extra.get("aug") or {}
-        if not isinstance(d, dict):
-            raise SpecError(f"input.extra.aug must be an object, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise SpecError(f"input.extra.aug: unknown key(s) {sorted(unknown)}; allowed {sorted(known)} (stage-2 crops)")
-        try:
-            return cls(**{k: float(v) for k, v in d.items()})
-        except (TypeError, ValueError) as e:
-            raise SpecError(f"input.extra.aug: {e}") from None
+        return cls(**parse_fields(cls, extra.get("aug") or {}, "input.extra.aug", error=SpecError))
 
     def jitter(self, volume: Volume, zyx: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """``zyx`` moved by a Gaussian offset of ``jitter_mm`` per axis of the volume."""

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any
 
+from ..validate import parse_fields
+
 #: Transfer syntaxes the writer can produce; "mixed" draws one per series.
 TRANSFER_SYNTAXES: tuple[str, ...] = ("explicit_le", "implicit", "big_endian", "rle")
 
@@ -103,11 +105,9 @@ class SynthOptions:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> SynthOptions:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(kwargs) - known)
-        if unknown:
-            raise TypeError(f"unknown synth option(s) {unknown}; known: {sorted(known)}")
-        return cls(**kwargs)
+        """Checked options from keyword arguments or a JSON object (the demo's ``phantom.json``):
+        an unknown or mistyped option is a `TypeError`, an impossible value a `ValueError`."""
+        return cls(**parse_fields(cls, kwargs, "synth options", noun="synth option(s)", sep=": ", error=TypeError))
 
 
 #: One line per option, for ``rsna-infer synth --help``.

@@ -10,8 +10,8 @@
 - ``f{k}_last_oof.npz`` / ``f{k}_best_oof.npz`` (and ``_keypoints.npz`` for stage 1): the
   out-of-fold files of those epochs, copied to ``oof_f{k}.npz`` at the end.
 
-Every file is written to a temporary name and renamed into place, so a run killed at any
-moment leaves the previous epoch's checkpoint intact. Checkpoints are read with
+Every file is written with `rsna_infer.output.atomic_write` (a synced temporary file renamed
+into place), so a run killed at any moment leaves the previous epoch's checkpoint intact. Checkpoints are read with
 ``torch.load(weights_only=True)`` (no code runs).
 
 ``{out}/run_f{k}.json`` records what the run was: config name, split id and folds file,
@@ -22,30 +22,16 @@ resumes, status and the selected epoch.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..output import atomic_copy, atomic_write, atomic_write_text
+
 CHECKPOINT_FORMAT = 1
 #: Config fields a resumed run may change (they do not change the result).
 RESUME_FREE_FIELDS = ("num_workers", "val_batch_size", "notes")
-
-
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def comparable_config(config: dict[str, Any]) -> dict[str, Any]:
@@ -78,7 +64,8 @@ class FoldFiles:
 
     # -- checkpoints --------------------------------------------------------------------------
     def save(self, path: Path, state: dict[str, Any]) -> Path:
-        return _atomic(path, lambda tmp: torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return atomic_write(path, lambda fh: torch.save({"format": CHECKPOINT_FORMAT, **state}, fh), binary=True)
 
     def load(self, path: Path) -> dict[str, Any] | None:
         if not path.is_file():
@@ -93,14 +80,14 @@ class FoldFiles:
         for f in (self.oof_file, self.keypoints_file):
             src = f(src_which)
             if src.is_file():
-                _atomic(f(dst_which), lambda tmp, s=src: shutil.copyfile(s, tmp))
+                atomic_copy(src, f(dst_which))
 
     def publish(self, which: str) -> tuple[Path | None, Path | None]:
         """Copy slot ``which``'s out-of-fold files to their final names."""
         out: list[Path | None] = []
         for src, dst in ((self.oof_file(which), self.oof), (self.keypoints_file(which), self.keypoints)):
             if src.is_file():
-                _atomic(dst, lambda tmp, s=src: shutil.copyfile(s, tmp))
+                atomic_copy(src, dst)
                 out.append(dst)
             else:
                 out.append(None)
@@ -115,8 +102,10 @@ class FoldFiles:
 
     def write_record(self, record: dict[str, Any]) -> None:
         text = json.dumps(record, indent=1, default=str) + "\n"
-        _atomic(self.record_path, lambda tmp: Path(tmp).write_text(text))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.record_path, text)
 
     def write_history(self, history: list[dict[str, float]]) -> None:
         text = json.dumps(history, indent=1) + "\n"
-        _atomic(self.history, lambda tmp: Path(tmp).write_text(text))
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.history, text)

@@ -8,19 +8,18 @@ rejects its variant or kwargs all fail with a message naming the field.
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..specs import FAMILIES, STAGE1_FAMILIES, InputSpec, ModelEntry, SpecError
+from ..specs import FAMILIES, NAME_PATTERN, STAGE1_FAMILIES, InputSpec, ModelEntry
+from ..validate import optional_dict, parse_fields
 
 
 class ConfigError(ValueError):
     """A training config is invalid; the message names the field and what to fix."""
 
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 KEYPOINT_SOURCES = ("truth", "predicted", "mixed")
 VAL_KEYPOINT_SOURCES = ("predicted", "truth")
 MISSING_KEYPOINTS = ("error", "truth", "skip")
@@ -70,13 +69,13 @@ class TrainConfig:
     amp: bool = True
     num_workers: int = 0
     val_batch_size: int | None = None
-    select: str = "best"
-    keypoints: str = "truth"
+    select: str = field(default="best", metadata={"choices": ("best", "last")})
+    keypoints: str = field(default="truth", metadata={"choices": KEYPOINT_SOURCES})
     predicted_prob: float = 0.5
-    val_keypoints: str = "predicted"
-    missing_keypoints: str = "error"
+    val_keypoints: str = field(default="predicted", metadata={"choices": VAL_KEYPOINT_SOURCES})
+    missing_keypoints: str = field(default="error", metadata={"choices": MISSING_KEYPOINTS})
     pretrained: Any = None
-    export_dtype: str = "float32"
+    export_dtype: str = field(default="float32", metadata={"choices": ("float32", "float16")})
     notes: str = ""
 
     @property
@@ -114,78 +113,52 @@ class TrainConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], *, check_family: bool = True) -> "TrainConfig":
+    def from_dict(cls, d: Any, *, check_family: bool = True) -> "TrainConfig":
         """Validate and build; ``check_family`` also instantiates the family (imports torch)."""
-        if not isinstance(d, dict):
-            raise ConfigError(f"config must be a JSON object, got {type(d).__name__}")
-        allowed = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - allowed)
-        if unknown:
-            raise ConfigError(f"unknown config field(s) {unknown}; allowed: {sorted(allowed)}")
-        required = ("name", "family", "variant", "arch", "input", "epochs", "lr", "batch_size")
-        missing = [k for k in required if k not in d]
-        if missing:
-            raise ConfigError(f"config is missing required field(s) {missing}")
-        try:
-            spec = InputSpec.from_dict(d["input"])
-        except SpecError as e:
-            raise ConfigError(f"config field 'input': {e}") from None
-        kw = {k: v for k, v in d.items() if k != "input"}
-        cfg = cls(input=spec, **kw)
-        cfg._validate()
+        kw = parse_fields(cls, d, "config", error=ConfigError, convert={
+            "input": lambda v, label: InputSpec.from_dict(v, context="config: "),
+            "arch_kwargs": optional_dict,
+            "model_kwargs": optional_dict,
+        })
+        cfg = cls(**kw)
+        cfg.check()
         if check_family:
             cfg._check_family()
         return cfg
 
     # -- validation -----------------------------------------------------------------------
-    def _validate(self) -> None:
+    def check(self) -> None:
+        """The rules on the parsed values (types and choices were checked by `from_dict`)."""
+
         def need(cond: bool, msg: str) -> None:
             if not cond:
                 raise ConfigError(msg)
 
-        need(isinstance(self.name, str) and bool(_NAME_RE.match(self.name)),
+        need(bool(NAME_PATTERN.match(self.name)),
              f"name must be letters, digits, '_', '-', '.' (it becomes a file name), got {self.name!r}")
         need(self.family in FAMILIES, f"family {self.family!r} unknown; expected one of {list(FAMILIES)}")
         for key in ("variant", "arch"):
-            need(isinstance(getattr(self, key), str) and bool(getattr(self, key)), f"{key} must be a non-empty string")
-        for key in ("arch_kwargs", "model_kwargs"):
-            need(isinstance(getattr(self, key), dict), f"{key} must be an object")
-        for key in ("epochs", "batch_size", "repeats", "n_folds", "seed", "num_workers"):
-            val = getattr(self, key)
-            need(isinstance(val, int) and not isinstance(val, bool), f"{key} must be an integer, got {val!r}")
+            need(bool(getattr(self, key)), f"{key} must be a non-empty string")
         need(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
         need(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
         need(self.repeats >= 1, f"repeats must be >= 1, got {self.repeats}")
         need(self.n_folds >= 2, f"n_folds must be >= 2, got {self.n_folds}")
         need(self.num_workers >= 0, f"num_workers must be >= 0, got {self.num_workers}")
-        for key in ("lr", "weight_decay", "warmup_epochs", "min_lr_ratio", "predicted_prob"):
-            val = getattr(self, key)
-            need(isinstance(val, (int, float)) and not isinstance(val, bool), f"{key} must be a number, got {val!r}")
         need(0 < self.lr < 1, f"lr must be in (0, 1), got {self.lr}")
         need(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(self.warmup_epochs >= 0, f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         need(0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         need(0 <= self.predicted_prob <= 1, f"predicted_prob must be in [0, 1], got {self.predicted_prob}")
-        need(self.ema_decay is None or (isinstance(self.ema_decay, (int, float)) and 0 < self.ema_decay < 1),
-             f"ema_decay must be null or in (0, 1), got {self.ema_decay!r}")
-        need(self.grad_clip is None or (isinstance(self.grad_clip, (int, float)) and self.grad_clip > 0),
-             f"grad_clip must be null or > 0, got {self.grad_clip!r}")
-        need(isinstance(self.amp, bool), f"amp must be true/false, got {self.amp!r}")
-        need(self.val_batch_size is None or (isinstance(self.val_batch_size, int) and self.val_batch_size >= 1),
+        need(self.ema_decay is None or 0 < self.ema_decay < 1, f"ema_decay must be null or in (0, 1), got {self.ema_decay!r}")
+        need(self.grad_clip is None or self.grad_clip > 0, f"grad_clip must be null or > 0, got {self.grad_clip!r}")
+        need(self.val_batch_size is None or self.val_batch_size >= 1,
              f"val_batch_size must be null or a positive integer, got {self.val_batch_size!r}")
-        need(self.select in ("best", "last"), f"select must be 'best' or 'last', got {self.select!r}")
-        need(self.keypoints in KEYPOINT_SOURCES, f"keypoints must be one of {KEYPOINT_SOURCES}, got {self.keypoints!r}")
         need(self.stage == 2 or self.keypoints == "truth",
              f"keypoints={self.keypoints!r} applies to stage-2 families only ({self.family!r} is stage 1)")
-        need(self.val_keypoints in VAL_KEYPOINT_SOURCES,
-             f"val_keypoints must be one of {VAL_KEYPOINT_SOURCES}, got {self.val_keypoints!r}")
-        need(self.missing_keypoints in MISSING_KEYPOINTS,
-             f"missing_keypoints must be one of {MISSING_KEYPOINTS}, got {self.missing_keypoints!r}")
         from .init_weights import check_spec
 
         bad = check_spec(self.pretrained)
         need(bad is None, str(bad))
-        need(self.export_dtype in ("float32", "float16"), f"export_dtype must be 'float32' or 'float16', got {self.export_dtype!r}")
 
     def _check_family(self) -> None:
         """Let the family reject its variant/kwargs and build the network once (cheap for

@@ -30,11 +30,13 @@ model is built with ``pretrained=False`` and loaded from its own safetensors fil
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Union
+
+from ..models.manifest import sha256_file
+from ..validate import head
 
 if TYPE_CHECKING:
     import torch
@@ -76,16 +78,12 @@ class InitReport:
         parts = [f"{len(self.loaded)} tensor(s) loaded"]
         if self.adapted:
             parts.append(f"{len(self.adapted)} adapted ({'; '.join(self.adapted[:3])}{' ...' if len(self.adapted) > 3 else ''})")
-        parts.append(f"{len(self.random)} left random{_head(self.random)}")
-        parts.append(f"{len(self.unused)} source key(s) unused{_head(self.unused)}")
+        parts.append(f"{len(self.random)} left random{' ' + head(self.random, 4) if self.random else ''}")
+        parts.append(f"{len(self.unused)} source key(s) unused{' ' + head(self.unused, 4) if self.unused else ''}")
         return f"{where} ({self.arch}) from {self.source}: " + ", ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _head(keys: list[str], n: int = 4) -> str:
-    return f" {keys[:n]}{' ...' if len(keys) > n else ''}" if keys else ""
 
 
 # -- the config value -------------------------------------------------------------------------
@@ -125,14 +123,6 @@ def source_for(spec: PretrainedSpec, arch: str) -> str | None:
 
 
 # -- reading sources --------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def read_state_dict(path: str | Path) -> dict[str, "torch.Tensor"]:
@@ -341,4 +331,4 @@ def _fetch(src: str, info: "BackboneInfo") -> tuple[dict, str, tuple[str, ...]]:
         tag = src[5:].strip() if src.startswith("timm:") else None
         return timm_state_dict(info.arch, tag or None)
     path = Path(src).expanduser().resolve()
-    return read_state_dict(path), f"file:{path} (sha256 {_sha256(path)[:16]})", ()
+    return read_state_dict(path), f"file:{path} (sha256 {sha256_file(path)[:16]})", ()

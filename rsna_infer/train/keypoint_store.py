@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..keypoints import KeypointSet, StudyKeypoints
+from ..output import atomic_write
 
 _FIELDS = ("world", "voxel", "series_id", "stack_index", "confidence")
 
@@ -36,8 +37,7 @@ def save_keypoints(path: str | Path, keypoints: dict[int, StudyKeypoints], split
             arrays[f"{key}/{f}"] = np.stack([getattr(s, f) for s in sets]) if sets else np.zeros((0,))
         arrays[f"{key}/origin"] = np.stack([s.origin.astype(str) for s in sets]) if sets else np.zeros((0,), str)
     arrays["meta"] = np.frombuffer(json.dumps({"kinds": kinds, "split": split}).encode(), dtype=np.uint8)
-    np.savez_compressed(path, **arrays)
-    return path
+    return atomic_write(path, lambda fh: np.savez_compressed(fh, **arrays), binary=True)
 
 
 def load_keypoints(*paths: str | Path) -> dict[int, StudyKeypoints]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 import os
 import re
-import shutil
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -27,6 +26,7 @@ import numpy as np
 
 from ..constants import GROUPS
 from ..models.manifest import Manifest, ManifestError, demo_entries, load_manifest, save_manifest
+from ..output import atomic_copy
 from ..specs import ModelEntry
 from .folds import check_same_split
 
@@ -72,7 +72,7 @@ def merge_manifests(
                 dest = root / "weights" / f"{m.name}.safetensors"
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 if dest.resolve() != src:
-                    shutil.copyfile(src, dest)
+                    atomic_copy(src, dest)
                 src = dest
             models.append(replace(m, file=Path(os.path.relpath(src, root)).as_posix()))
     names = [m.name for m in models]

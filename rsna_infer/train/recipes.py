@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..constants import GROUPS
 from ..models.manifest import Manifest
+from ..output import atomic_write_text
 from ..specs import FAMILIES, ModelEntry
 from .config import TrainConfig, load_config
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
         same = args.out.is_file() and args.out.read_text() == text
         print(f"{args.out}: {'up to date' if same else 'OUT OF DATE: run python -m rsna_infer.train.recipes'}")
         return 0 if same else 1
-    args.out.write_text(text)
+    atomic_write_text(args.out, text)
     n = len(json.loads(text)["models"])
     print(f"wrote {args.out} ({n} entries from {len(recipe_paths(args.configs))} recipes)")
     return 0

@@ -46,6 +46,7 @@ from ..keypoints import StudyKeypoints
 from ..models.family import Family, GradingFamily, KeypointFamily
 from ..models.manifest import Manifest, export_model, load_manifest, save_manifest
 from ..models.registry import make_family
+from ..output import atomic_write, atomic_write_text
 from ..specs import ModelEntry
 from ..submission import priors_from_labels
 from . import distributed as D
@@ -200,7 +201,7 @@ def train_folds(
                                     predicted.files if predicted else []) for k in folds}
         if info.is_main:
             out_dir.mkdir(parents=True, exist_ok=True)
-            (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+            atomic_write_text(out_dir / "config.json", json.dumps(cfg.to_dict(), indent=2) + "\n")
             save_folds(split_.frame, out_dir / "folds.csv")
         # every rank decodes its share of what is not cached yet (`rsna-infer cache` does it beforehand)
         data.cache.ensure(split_.frame["study_id"].tolist(), progress=progress and info.is_main,
@@ -493,11 +494,11 @@ class _FoldRun:
         if cfg.stage == 2:
             path = files.oof_file(which)
             path.parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(path, **tag, study_ids=oof["study_ids"], logits=oof["logits"], mask=oof["mask"],
-                                labels=oof["labels"])
+            arrays = dict(study_ids=oof["study_ids"], logits=oof["logits"], mask=oof["mask"], labels=oof["labels"])
+            atomic_write(path, lambda fh: np.savez_compressed(fh, **tag, **arrays), binary=True)
         else:
             files.oof_file(which).parent.mkdir(parents=True, exist_ok=True)
-            np.savez_compressed(files.oof_file(which), **tag, **oof["errors"])
+            atomic_write(files.oof_file(which), lambda fh: np.savez_compressed(fh, **tag, **oof["errors"]), binary=True)
             save_keypoints(files.keypoints_file(which), oof["keypoints"], split=self.split.id)
 
     # -- the end ------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ..constants import LEVEL_TO_COORD_LEVEL, LEVELS
+from ..output import atomic_write
 
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw, ImageFont
@@ -159,7 +160,7 @@ def render_frame(frame: "Frame", path: str | Path, target: int = 256) -> dict[st
                       "colour": list(colour), "shape": "cross" if m.truth else SHAPES[m.side]})
     _legend(draw, 0, img.height, width, caption, any(m.truth for m in marks))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    atomic_write(path, lambda fh: canvas.save(fh, format="PNG"), binary=True)
     return {"scale": s, "size": [h, w], "marks": drawn}
 
 
@@ -222,6 +223,6 @@ def render_grid(grid: "CropGrid", probs: np.ndarray | None, coverage: np.ndarray
                 _plus(draw, x + cx, y + title_h + cy, 4, 1, LEVEL_COLOURS[t.level])
         y += title_h + th + pad
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    atomic_write(path, lambda fh: canvas.save(fh, format="PNG"), binary=True)
     return {"scale": s, "tiles": n_tiles, "rows": [name for name, _ in grid.rows]}
 

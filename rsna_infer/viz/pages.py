@@ -28,6 +28,7 @@ import numpy as np
 
 from ..constants import CLASS_TO_LABEL, CONDITIONS, LEVEL_TO_COORD_LEVEL, LEVELS, N_LEVELS, SIDES, study_row_ids
 from ..inference.report import json_default
+from ..output import atomic_write_text
 from .rank import TIER_NAMES, StudyScore, score_record
 
 if TYPE_CHECKING:
@@ -374,7 +375,7 @@ def write_pages(collector: "QACollector", report: dict[str, Any], report_path: s
         probs = submitted.get(sid, cap.probs if cap is not None else None)
         rec = report.get("studies", {}).get(str(sid), {})
         page = study_page(sid, rank, len(ranked), score, rec, cap, probs, drawn, links)
-        (qa / f"study_{sid}.html").write_text(page, encoding="utf-8")
+        atomic_write_text(qa / f"study_{sid}.html", page)
         pages[sid] = f"study_{sid}.html"
         if cap is not None:
             sidecar = {
@@ -386,10 +387,10 @@ def write_pages(collector: "QACollector", report: dict[str, Any], report_path: s
                 "points": cap.points, "sets": cap.sets, "notes": cap.notes,
             }
             folder.mkdir(parents=True, exist_ok=True)
-            (folder / "qa.json").write_text(json.dumps(sidecar, indent=1, default=json_default) + "\n", encoding="utf-8")
-    (qa / "ranking.json").write_text(json.dumps([{**s.to_dict(), "page": pages.get(s.study_id)} for s in ranked], indent=1) + "\n")
+            atomic_write_text(folder / "qa.json", json.dumps(sidecar, indent=1, default=json_default) + "\n")
+    atomic_write_text(qa / "ranking.json", json.dumps([{**s.to_dict(), "page": pages.get(s.study_id)} for s in ranked], indent=1) + "\n")
     links["ranking.json"] = "ranking.json"
     index = qa / "index.html"
-    index.write_text(index_page(report, ranked, pages, links, collector.worst), encoding="utf-8")
+    atomic_write_text(index, index_page(report, ranked, pages, links, collector.worst))
     logger.info("QA pages: %d study page(s) and %s in %.1fs", len(pages), index, time.perf_counter() - t0)
     return index
