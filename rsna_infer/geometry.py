@@ -12,12 +12,27 @@ stack (nearest slice, inside its box) are `Volume` methods; the direction helper
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from .io.volume import Volume
+
+class Grid(Protocol):
+    """What sampling needs of a stack: the `rsna_infer.io.volume.Volume` geometry API (declared
+    here so that geometry, which the DICOM reader uses, does not import the reader)."""
+
+    pixels: np.ndarray
+    positions: np.ndarray
+    row_dir: np.ndarray
+    col_dir: np.ndarray
+    spacing: tuple[float, float]
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def to_voxel(self, xyz: np.ndarray) -> np.ndarray: ...
+
+    def to_world(self, zyx: np.ndarray) -> np.ndarray: ...
 
 PLANES: tuple[str, ...] = ("sagittal", "coronal", "axial")
 
@@ -67,7 +82,7 @@ def obliquity_deg(normal: np.ndarray) -> float:
     return float(np.degrees(np.arccos(np.clip(np.max(np.abs(n)), -1.0, 1.0))))
 
 
-def transfer(src: Volume, zyx: np.ndarray, dst: Volume) -> np.ndarray:
+def transfer(src: Grid, zyx: np.ndarray, dst: Grid) -> np.ndarray:
     """Voxel points of ``src`` -> voxel points of ``dst`` (through patient space)."""
     return dst.to_voxel(src.to_world(zyx))
 
@@ -95,7 +110,7 @@ def is_left_of(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)[..., 0] > np.asarray(b, dtype=np.float64)[..., 0]
 
 
-def sample(volume: Volume, xyz: np.ndarray, fill: float = 0.0) -> np.ndarray:
+def sample(volume: Grid, xyz: np.ndarray, fill: float = 0.0) -> np.ndarray:
     """Trilinear intensity of ``volume`` at world points ``[..., 3]``; ``fill`` outside the stack.
 
     z interpolates between the two neighbouring *sorted* slices (uneven spacing is exact);
@@ -108,7 +123,7 @@ def sample(volume: Volume, xyz: np.ndarray, fill: float = 0.0) -> np.ndarray:
 
 
 def sample_plane(
-    volume: Volume,
+    volume: Grid,
     origin: np.ndarray,
     row_dir: np.ndarray,
     col_dir: np.ndarray,
@@ -130,7 +145,7 @@ def sample_plane(
     return sample(volume, pts, fill=fill).astype(np.float32)
 
 
-def reslice_like(src: Volume, dst: Volume, z: int, fill: float = 0.0) -> np.ndarray:
+def reslice_like(src: Grid, dst: Grid, z: int, fill: float = 0.0) -> np.ndarray:
     """``src`` resampled onto the pixel grid of slice ``z`` of ``dst`` (float32 ``[H, W]``)."""
     h, w = dst.shape[1:]
     return sample_plane(src, dst.positions[z], dst.row_dir, dst.col_dir, (h, w), dst.spacing, fill=fill)

@@ -136,7 +136,7 @@ def test_tiers_order_before_uncertainty():
 
 # -- drawing ---------------------------------------------------------------------------------
 def test_a_marker_is_drawn_at_its_pixel_in_its_level_colour(tmp_path):
-    from rsna_infer.viz.capture import Frame, Mark
+    from rsna_infer.viz.frames import Frame, Mark
     from rsna_infer.viz.draw import render_frame, to_display
 
     img = np.full((40, 50), 90, np.uint8)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
+from ..constants import LR_SWAP
 from ..options import ExtraOptions, Options
 from ..specs import InputSpec, ModelEntry
 
@@ -34,6 +35,12 @@ if TYPE_CHECKING:  # torch stays out of torch-free imports (manifest validation,
 
     from ..io.volume import Study
     from ..keypoints import KeypointSet, StudyKeypoints
+
+
+def swap_lr_labels(labels: np.ndarray) -> np.ndarray:
+    """Labels (or masks) ``[5, 5, ...]`` in the canonical layout of a study mirrored
+    left/right: left and right conditions swapped (`rsna_infer.constants.LR_SWAP`)."""
+    return np.asarray(labels)[list(LR_SWAP)]
 
 
 @dataclass
@@ -136,8 +143,6 @@ class GradingFamily(Family):
         """The study's labels ``[5, 5]`` as ``sample`` sees them: left and right conditions
         swapped when training augmentation mirrored the sample left/right."""
         if sample.meta.get("lr_mirrored"):
-            from ..stage2.layout import swap_lr_labels
-
             return swap_lr_labels(labels)
         return np.asarray(labels)
 

@@ -6,8 +6,8 @@ normalisation layers, `rsna_infer.models.members`), and **peak activation bytes*
 (flip TTA included) at the configured batch size on the input shapes of a typical study
 (`rsna_infer.estimate.typical`): the forward is replayed on ``meta`` tensors (shapes only, no
 arithmetic) under `LiveBytes`, which adds up every tensor from its creation to its release;
-models with data-dependent shapes are replayed with the estimate's shape-only mode
-(`rsna_infer.estimate.flops`). Activations are counted in fp32 and halved under fp16 autocast
+models with data-dependent shapes are replayed with the shape-only mode
+(`rsna_infer.runtime.shape_only`). Activations are counted in fp32 and halved under fp16 autocast
 (most activations are fp16 there; layer-norm and softmax outputs stay fp32, so this is
 slightly low); the batch on the device is added, and with fp32 weights under autocast the
 fp16 weight copies autocast keeps (half the weight bytes).
@@ -138,7 +138,7 @@ def run_memory(family: "Family", batch: dict[str, "torch.Tensor"], model: "nn.Mo
     placeholders of a full batch would take as much memory as the activations they stand for."""
     import torch
 
-    from ..estimate.flops import ShapeOnly, flop_registry_ops
+    from .shape_only import ShapeOnly, flop_registry_ops
 
     if model is None:
         try:
@@ -154,17 +154,10 @@ def run_memory(family: "Family", batch: dict[str, "torch.Tensor"], model: "nn.Mo
     n = int(next(iter(batch.values())).shape[0])
     one = {k: v[:1] for k, v in batch.items()}
 
-    class _Allocating(ShapeOnly):
-        """Placeholders as allocated but untouched memory (``empty``): each has its own storage,
-        so `LiveBytes` sees them like the real tensors (the shared zero buffer would hide them)."""
-
-        def _placeholder(self, t: "torch.Tensor") -> "torch.Tensor":
-            z = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype)
-            self.placeholders[z] = True
-            return z
-
-    # entered last, LiveBytes sees each operator first and the shape-only answer after it
-    with torch.inference_mode(), _Allocating(flop_registry_ops()), LiveBytes() as live:
+    # placeholders with their own storage: `LiveBytes` sees them like the real tensors (the
+    # shared zero buffer would hide them); entered last, LiveBytes sees each operator first
+    # and the shape-only answer after it
+    with torch.inference_mode(), ShapeOnly(flop_registry_ops(), own_storage=True), LiveBytes() as live:
         family.run(model, one, tta=True)
     return RunMemory(live.peak * n, "shape-only x batch", weight_bytes(model, 4), weight_bytes(model, 2)), model
 

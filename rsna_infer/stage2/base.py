@@ -12,12 +12,11 @@ import numpy as np
 
 from ..imaging import volume_bounds
 from ..keypoints import POINT_KINDS
-from ..models.family import GradingFamily, Sample
+from ..models.family import GradingFamily, Sample, swap_lr_labels
 from ..options import Options, option
 from ..specs import ModelEntry, SpecError
 from .augment import CropAugment
 from .crops import CropInfo, Located, crop_2d5
-from .layout import swap_lr_labels
 from .tta import ViewAxes, mirror_sample, run_tta
 
 if TYPE_CHECKING:

@@ -70,13 +70,9 @@ def scatter_points(point_logits: torch.Tensor, kind: str) -> torch.Tensor:
 
 
 def swap_lr(logits: torch.Tensor) -> torch.Tensor:
-    """Swap the left and right conditions of canonical ``[B, 5, 5, ...]`` outputs (`LR_SWAP`)."""
+    """Swap the left and right conditions of canonical ``[B, 5, 5, ...]`` outputs (`LR_SWAP`;
+    `rsna_infer.models.family.swap_lr_labels` does the same to numpy labels and masks)."""
     import torch
 
     return logits.index_select(1, torch.as_tensor(LR_SWAP, device=logits.device))
 
-
-def swap_lr_labels(labels: np.ndarray) -> np.ndarray:
-    """Labels (or masks) ``[5, 5, ...]`` of a study mirrored left/right: left and right
-    conditions swapped (`LR_SWAP`)."""
-    return np.asarray(labels)[list(LR_SWAP)]

@@ -81,7 +81,7 @@ def mirror(batch: dict[str, torch.Tensor], axes: dict[str, ViewAxes], ap: bool =
 def mirror_sample(inputs: dict[str, np.ndarray], axes: dict[str, ViewAxes], ap: bool = False, lr: bool = False) -> dict[str, np.ndarray]:
     """One sample's inputs (no batch axis) with the patient mirrored ``ap`` and/or ``lr``: the
     training-time counterpart of the TTA passes (an ``lr`` mirror also swaps the left/right
-    input slots, so its labels must be swapped too, `rsna_infer.stage2.layout.swap_lr_labels`)."""
+    input slots, so its labels must be swapped too, `rsna_infer.models.family.swap_lr_labels`)."""
     out = {}
     for key, x in inputs.items():
         ax = axes[key]

@@ -1,6 +1,6 @@
 """See what the models see: keypoint and crop overlays, a QA page per study, a page per run.
 
-- `QACollector` (`rsna_infer.viz.capture`): the observer `predict(..., qa_dir=...)` passes to
+- `rsna_infer.viz.capture.QACollector`: the observer `predict(..., qa_dir=...)` passes to
   `Predictor.run`; it captures the model inputs of the worst studies during the run.
 - `rsna_infer.viz.rank`: how studies are ranked for QA.
 - `rsna_infer.viz.draw`: PNGs (Pillow) of model-input slices with keypoints and crop grids.
@@ -13,11 +13,6 @@ this package does not import it; asking for pictures without it fails fast with
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from .capture import QACollector
 
 PILLOW_HINT = "QA pictures need Pillow: pip install 'rsna-infer[viz]' (or pip install pillow)"
 
@@ -35,12 +30,4 @@ def require_pillow() -> None:
         raise VizUnavailable(f"{PILLOW_HINT} ({e})") from None
 
 
-def __getattr__(name: str) -> Any:
-    if name == "QACollector":
-        from .capture import QACollector
-
-        return QACollector
-    raise AttributeError(name)
-
-
-__all__ = ["PILLOW_HINT", "QACollector", "VizUnavailable", "require_pillow"]
+__all__ = ["PILLOW_HINT", "VizUnavailable", "require_pillow"]

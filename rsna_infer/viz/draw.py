@@ -27,7 +27,7 @@ from ..output import atomic_write
 if TYPE_CHECKING:
     from PIL import Image, ImageDraw, ImageFont
 
-    from .capture import CropGrid, Frame, Mark
+    from .frames import CropGrid, Frame, Mark
 
 #: One colour per level, cranial to caudal (distinct under common colour blindness).
 LEVEL_COLOURS: tuple[tuple[int, int, int], ...] = (

@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
@@ -32,9 +32,19 @@ from ..output import atomic_write_text
 from .rank import TIER_NAMES, StudyScore, score_record
 
 if TYPE_CHECKING:
-    from .capture import QACollector, StudyCapture
+    from .frames import StudyCapture
 
 logger = logging.getLogger(__name__)
+
+
+class Collected(Protocol):
+    """What the pages read of a run's collector (`rsna_infer.viz.capture.QACollector`)."""
+
+    out_dir: Path
+    worst: int
+    scores: dict[int, StudyScore]
+
+    def captures(self) -> dict[int, StudyCapture]: ...
 
 CSS = """
 body{font:14px/1.4 system-ui,sans-serif;margin:1.2em 2em;color:#1b1b1b;background:#fafafa}
@@ -338,7 +348,7 @@ def _submission_probs(out_csv: str | None, sids: list[int]) -> dict[int, np.ndar
     return out
 
 
-def rank_studies(collector: "QACollector", report: dict[str, Any]) -> list[StudyScore]:
+def rank_studies(collector: Collected, report: dict[str, Any]) -> list[StudyScore]:
     """Every study of the report, most problematic first (captured scores, else from the report)."""
     scores = {}
     for key, rec in report.get("studies", {}).items():
@@ -347,7 +357,7 @@ def rank_studies(collector: "QACollector", report: dict[str, Any]) -> list[Study
     return sorted(scores.values(), key=lambda s: s.key, reverse=True)
 
 
-def write_pages(collector: "QACollector", report: dict[str, Any], report_path: str | os.PathLike | None = None) -> Path:
+def write_pages(collector: Collected, report: dict[str, Any], report_path: str | os.PathLike | None = None) -> Path:
     """Write the study pages of the ``collector.worst`` top-ranked studies and ``index.html``."""
     from .draw import render_frame, render_grid
 
