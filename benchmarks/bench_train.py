@@ -90,7 +90,7 @@ def _one(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     from rsna_infer.train.config import load_config
     from rsna_infer.train.data import TrainingData
-    from rsna_infer.train.trainer import _loss, param_groups
+    from rsna_infer.train.trainer import batch_loss, param_groups
 
     cfg = load_config(args.recipe, check_family=False)
     root = _phantom(Path(args.work), tuple(args.image_size))
@@ -113,9 +113,9 @@ def _one(args: argparse.Namespace) -> None:
         t0 = time.perf_counter()
         if measure:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-                loss = _loss(family, model(batch.inputs), batch)
+                loss = batch_loss(family, model(batch.inputs), batch)
         else:
-            loss = _loss(family, model(batch.inputs), batch)
+            loss = batch_loss(family, model(batch.inputs), batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(model.parameters(), 1.0)

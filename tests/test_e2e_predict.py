@@ -140,7 +140,7 @@ def test_each_dicom_file_is_decoded_exactly_once(tiny_manifest, tmp_path, monkey
     by_path: Counter = Counter()
     header_only: list[str] = []
     parses = [0]
-    real_private, real_dcmread = dicom._dcmread, pydicom.dcmread
+    real_private, real_dcmread = dicom.parse_dicom, pydicom.dcmread
 
     def counting_private(path, *, stop_before_pixels):
         with lock:
@@ -154,7 +154,7 @@ def test_each_dicom_file_is_decoded_exactly_once(tiny_manifest, tmp_path, monkey
             parses[0] += 1
         return real_dcmread(*args, **kwargs)
 
-    monkeypatch.setattr(dicom, "_dcmread", counting_private)
+    monkeypatch.setattr(dicom, "parse_dicom", counting_private)
     monkeypatch.setattr(pydicom, "dcmread", counting_dcmread)
     df, rep = _run(root, tiny_manifest, tmp_path / "out")
     _check_valid(df, root)

@@ -463,13 +463,13 @@ def test_a_huge_file_gets_a_header_only_parse_first(tmp_path, monkeypatch):
     ok = write_slice(tmp_path / "ok.dcm", np.full((4, 4), 3))
     monkeypatch.setattr(dicom_mod, "HEADER_FIRST_BYTES", 0)  # every file counts as huge
     calls: list[bool] = []
-    real = dicom_mod._dcmread
+    real = dicom_mod.parse_dicom
 
     def spy(path, *, stop_before_pixels):
         calls.append(stop_before_pixels)
         return real(path, stop_before_pixels=stop_before_pixels)
 
-    monkeypatch.setattr(dicom_mod, "_dcmread", spy)
+    monkeypatch.setattr(dicom_mod, "parse_dicom", spy)
     rec = read_slice(mf)
     assert rec.error_kind == "unsupported" and calls == [True]  # rejected without reading the pixels
     calls.clear()

@@ -45,7 +45,7 @@ class BackboneGrader(GradingFamily):
         return Net()
 
     def prepare(self, study, keypoints=None, rng=None):
-        _, _, img = T._centre(study)
+        _, _, img = T.centre_slice(study)
         img = np.kron(img, np.ones((1, 3, 2), np.float32))[:, :32, :32]
         img = np.pad(img, ((0, 0), (0, 32 - img.shape[1]), (0, 32 - img.shape[2])))
         mask = np.zeros((5, 5), bool)

@@ -41,7 +41,7 @@ class _Net(nn.Module):
         return self.body(batch["image"])
 
 
-def _centre(study):
+def centre_slice(study):
     v = study.first(SAG_T2)
     z = v.shape[0] // 2
     img = (v.pixels[z] - 500.0) / 300.0
@@ -56,7 +56,7 @@ class ToyKeypoints(KeypointFamily):
 
     def prepare(self, study, keypoints=None, rng=None):
         time.sleep(SLOW["seconds"])
-        v, z, img = _centre(study)
+        v, z, img = centre_slice(study)
         if rng is not None:
             img = img + rng.normal(0, 0.01, img.shape).astype(np.float32)
         return [Sample(study.study_id, {"image": img}, {"series_id": v.series_id, "z": z})]
@@ -93,7 +93,7 @@ class ToyGrader(GradingFamily):
 
     def prepare(self, study, keypoints=None, rng=None):
         time.sleep(SLOW["seconds"])
-        _, _, img = _centre(study)
+        _, _, img = centre_slice(study)
         mask = np.zeros((5, 5), bool)
         mask[0] = True
         return [Sample(study.study_id, {"image": img}, mask=mask)]

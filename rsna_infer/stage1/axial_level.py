@@ -104,8 +104,8 @@ class AxialLevelFamily(PerStackFamily):
     input_options_type: ClassVar[type[ExtraOptions]] = AxialLevelInput
     length_axis = ("image", 0)  # stacks of different lengths share a batch: padded, masked (slice_mask)
 
-    def _validate(self) -> None:
-        super()._validate()
+    def check_entry(self) -> None:
+        super().check_entry()
         _check_channels(self)
 
     @property
@@ -258,8 +258,8 @@ class AxialXYFamily(PointFamily):
     needs_keypoints = True  # prepare reads the axial_level set: runs after it, in the main process
     source_keys: ClassVar[tuple[str, ...]] = ("axial_level", truth_key("subarticular"))
 
-    def _validate(self) -> None:
-        super()._validate()
+    def check_entry(self) -> None:
+        super().check_entry()
         _check_channels(self)
 
     @property

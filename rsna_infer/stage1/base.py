@@ -82,10 +82,11 @@ class Stage1Family(KeypointFamily):
 
     def __init__(self, entry: ModelEntry) -> None:
         super().__init__(entry)
-        self._validate()
+        self.check_entry()
         self.aug = AugSpec.from_extra(self.spec.extra)
 
-    def _validate(self) -> None:
+    def check_entry(self) -> None:
+        """Reject an entry this family cannot serve (variant, channels...); subclasses extend it."""
         e = self.entry
         if e.variant not in self.variants:
             raise SpecError(f"model {e.name!r}: {self.name} variant must be one of {self.variants}, got {e.variant!r}")
@@ -187,8 +188,8 @@ class PointFamily(Stage1Family):
     options_type: ClassVar[type[Options]] = PointOptions
 
     # -- configuration ------------------------------------------------------------------
-    def _validate(self) -> None:
-        super()._validate()
+    def check_entry(self) -> None:
+        super().check_entry()
         e = self.entry
         if len(self.spec.size) != self.dims:
             shape = "(H, W)" if self.dims == 2 else "(D, H, W)"

@@ -89,8 +89,8 @@ class Sag2dFamily(PerStackFamily, PointFamily):
     options_type: ClassVar[type[Options]] = Sag2dOptions
     input_options_type: ClassVar[type[ExtraOptions]] = Sag2dInput
 
-    def _validate(self) -> None:
-        super()._validate()
+    def check_entry(self) -> None:
+        super().check_entry()
         spec, given = self.spec, self.input_options.sampled_slices
         if given is None and spec.n_slices > spec.in_chans:  # the old meaning of n_slices
             logger.debug("model %s: input.n_slices %d read as extra.sampled_slices (old sag2d manifest)",

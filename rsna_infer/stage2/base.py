@@ -121,7 +121,8 @@ class GradingBase(GradingFamily):
             out[kind] = tuple(keys)
         return out
 
-    def _require_chans(self, want: int, why: str) -> None:
+    def require_chans(self, want: int, why: str) -> None:
+        """For subclasses: the entry's ``input.in_chans`` must be ``want`` (``why`` says what reads them)."""
         if self.spec.in_chans != want:
             raise SpecError(f"{self.where}: input.in_chans must be {want} ({why}), got {self.spec.in_chans}")
 

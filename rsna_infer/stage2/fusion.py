@@ -114,7 +114,7 @@ class FusionFamily(GradingBase):
 
     def __init__(self, entry: Any) -> None:
         super().__init__(entry)
-        self._require_chans(self.spec.n_slices, "the sagittal encoder reads the slices as channels")
+        self.require_chans(self.spec.n_slices, "the sagittal encoder reads the slices as channels")
         self.sag_crop_mm = float(self.spec.crop_mm or DEFAULT_SAG_CROP_MM)
         x = self.input_options
         self.axial_crop_mm = float(x.axial_crop_mm)

@@ -102,9 +102,9 @@ class RoiFamily(GradingBase):
         self.kind = self.entry.variant
         self.head = self.options.head
         if self.head == "slice_gru":
-            self._require_chans(1, "the slice_gru head reads one slice at a time")
+            self.require_chans(1, "the slice_gru head reads one slice at a time")
         else:
-            self._require_chans(self.spec.n_slices, f"the {self.head} head reads the slices as channels")
+            self.require_chans(self.spec.n_slices, f"the {self.head} head reads the slices as channels")
         self.companion = self.kind == "subarticular" and self.options.companion
         self.crop_mm = float(self.spec.crop_mm or DEFAULT_CROP_MM[self.kind])
         self.sag_crop_mm = float(self.input_options.sag_crop_mm)

@@ -419,7 +419,7 @@ class _FoldRun:
                 batch = batch.to(dev)
                 with torch.autocast("cuda", dtype=torch.float16, enabled=self.use_amp):
                     output = self.model(batch.inputs)
-                    loss = _loss(family, output, batch)
+                    loss = batch_loss(family, output, batch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{cfg.name} fold {self.fold}: non-finite loss at epoch {epoch + 1}, step {step}")
                 self.optimizer.zero_grad(set_to_none=True)
@@ -529,7 +529,8 @@ class _FoldRun:
         return TrainResult(exported, files.out_dir, manifest_path, self.history, epoch, metric, oof_path, kp_path, self.record)
 
 
-def _loss(family: Family, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+def batch_loss(family: Family, output: torch.Tensor, batch: Batch) -> torch.Tensor:
+    """The family's training loss of one batch (labels and mask for graders, targets for keypoints)."""
     if isinstance(family, GradingFamily):
         return family.loss(output, batch.labels, batch.mask)
     assert isinstance(family, KeypointFamily) and batch.targets is not None
