@@ -11,7 +11,7 @@ Conventions
   in-plane transpose, so no resampling error): sagittal -> slices run toward patient left,
   rows toward inferior, columns toward posterior; axial -> slices run toward inferior, rows
   toward posterior, columns toward patient left. Laterality and level order therefore come
-  from patient coordinates (DESIGN §4), never from the DICOM slice order.
+  from patient coordinates (LPS: +x is the patient's left), never from the DICOM slice order.
 - Model coordinates are **normalised** ``u`` in [0, 1] per axis, in ``(z, y, x)`` order, over a
   region ``[lo, hi]`` of the canonical volume (voxel-edge coordinates): ``c = lo + u (hi - lo)``.
   For a plain resize the region is the whole volume, and ``u = (c + 0.5) / n`` whatever the

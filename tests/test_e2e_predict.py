@@ -124,7 +124,7 @@ def test_weight_problems_fail_fast_naming_the_file(phantom_test_root, tiny_manif
 
 
 def test_each_dicom_file_is_decoded_exactly_once(tiny_manifest, tmp_path, monkeypatch):
-    """DESIGN §5: no second DICOM read. Every file of every series (three axial series
+    """No second DICOM read (README: reads every DICOM once). Every file of every series (three axial series
     included) goes through pydicom once in a predict run, with its pixels."""
     import threading
     from collections import Counter

@@ -1,7 +1,7 @@
 """A typical competition study, built in memory, so that every family's own ``prepare``
 says how many samples of which shapes a study gives it.
 
-`StudyGeometry` holds the figures (defaults from the real-data facts of DESIGN §2: one
+`StudyGeometry` holds the figures (defaults from the competition data's figures, docs/speed.md: one
 Sagittal T1 and one Sagittal T2/STIR series of 15-20 slices, 1.2 Axial T2 series per study on
 average with 30-60 slices each, ~18 MB of DICOM). `typical_study` makes `Volume` stacks with
 exact DICOM geometry (sagittal IOP ``[0,1,0,0,0,-1]``, axial ``[1,0,0,0,1,0]``) and noise
@@ -27,7 +27,7 @@ KIND_SERIES: dict[str, str] = {CONDITION_GROUP[c]: CONDITION_SERIES_TYPE[c] for 
 
 @dataclass(frozen=True)
 class StudyGeometry:
-    """What a typical test study holds (DESIGN §2 facts; change them to model another cohort).
+    """What a typical test study holds (the competition data's figures; change them to model another cohort).
 
     - ``sagittal_slices``: per sagittal series (real: 15-20).
     - ``axial_slices``: per axial series (real: 30-60).

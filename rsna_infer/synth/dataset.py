@@ -96,7 +96,7 @@ class StudyTruth:
 
     study_id: int
     grades: np.ndarray  # [5, 5] int, canonical order; -1 = blank in train.csv
-    keypoints: dict[str, np.ndarray]  # kind -> [N, 3] patient mm (stage1.keypoints layout)
+    keypoints: dict[str, np.ndarray]  # kind -> [N, 3] patient mm (rsna_infer.keypoints layout)
     series: list[SeriesInfo] = field(default_factory=list)
     missing_series_type: str | None = None
     truncated_files: list[Path] = field(default_factory=list)

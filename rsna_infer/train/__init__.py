@@ -2,10 +2,9 @@
 one generic loop for every model family (pretrained starts, checkpoints and resume, torchrun),
 out-of-fold predictions, blend fitting and the bundle-ready merge.
 
-Entry points: ``rsna-infer cache`` (`rsna_infer.train.cache`), ``rsna-infer folds``
-(`rsna_infer.train.folds`), ``rsna-infer train`` (`rsna_infer.train.cli`), ``rsna-infer
-fit-blend`` (`rsna_infer.train.blend`) and, from Python, `train_fold`, `train_folds` and
-`fit_blend`. docs/train.md walks the whole path from the competition data to a Kaggle bundle.
+Entry points: ``rsna-infer cache``, ``folds``, ``train`` and ``fit-blend`` (their modules in
+`rsna_infer.commands`, over `rsna_infer.train.cache`, `.folds`, `.trainer` and `.blend`) and,
+from Python, `train_fold`, `train_folds` and `fit_blend`. docs/train.md walks the whole path from the competition data to a Kaggle bundle.
 """
 
 from __future__ import annotations

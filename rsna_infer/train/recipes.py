@@ -10,10 +10,11 @@ it and compares):
     python -m rsna_infer.train.recipes            # rewrite weights_manifest.json from configs/
     python -m rsna_infer.train.recipes --check    # exit 1 if it is out of date
 
-Every member has ``n_folds`` entries ``{name}_f{k}`` (DESIGN §5: stage-1 folds are averaged,
-stage-2 folds too), files ``weights/{name}_f{k}.safetensors`` (where ``rsna-infer train
---merge`` puts them), and placeholder blend weights (uniform over the members that predict a
-group) until ``rsna-infer fit-blend`` fits them.
+Every member has ``n_folds`` entries ``{name}_f{k}`` (stage-1 folds are averaged, stage-2
+folds too, as the 7th-place method does; docs/train.md), files
+``weights/{name}_f{k}.safetensors`` (where ``rsna-infer train --merge`` puts them), and
+placeholder blend weights (uniform over the members that predict a group) until
+``rsna-infer fit-blend`` fits them.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ STAGES = ("stage1", "stage2")
 TEMPLATE_NOTES = (
     "Competition ensemble TEMPLATE, generated from configs/stage1 and configs/stage2 by "
     "`python -m rsna_infer.train.recipes` (do not edit by hand): every member x fold of the full method "
-    "(DESIGN section 5) with its architecture and input contract. No weights ship for it: train the recipes "
+    "(the 7th-place two-stage method, docs/train.md) with its architecture and input contract. No weights ship for it: train the recipes "
     "(docs/train.md), then `rsna-infer train --merge` writes the real manifest (these entries, with sha256) "
     "and `rsna-infer fit-blend` its blend weights. Loading this file as is fails fast naming the first "
     "missing weights file. The demo weights are rsna_infer/demo/weights_manifest.json."
