@@ -92,27 +92,38 @@ def priors_from_labels(labels: np.ndarray, weighted: bool = True, smoothing: flo
     return metric_priors(counts) if weighted else counts / counts.sum(axis=-1, keepdims=True)
 
 
-def resolve_priors(priors: np.ndarray | Sequence[float] | None = None) -> np.ndarray:
-    """Fallback priors as a [5, 5, 3] array with rows summing to 1.
+def resolve_priors(
+    priors: np.ndarray | Sequence[float] | None = None, name: str = "fallback priors", sum_tolerance: float | None = None
+) -> np.ndarray:
+    """Fallback priors as a [5, 5, 3] array with rows summing to 1 (the one reading of priors:
+    the run's fallback and a manifest's ``priors``).
 
     Accepts ``None`` (:data:`DEFAULT_PRIORS`), [3] (every target), [5, 3] (per condition) or
-    [5, 5, 3] (per target). Rows must be finite, non-negative and not all zero: a bad prior is
-    a configuration error and fails here, before any study is processed.
+    [5, 5, 3] (per target). Rows must be finite, non-negative and not all zero (with
+    ``sum_tolerance``, also sum to 1 within it): a bad prior is a configuration error and fails
+    here, before any study is processed. ``name`` starts the messages.
     """
-    p = np.array(DEFAULT_PRIORS if priors is None else priors, dtype=np.float64)
+    try:
+        p = np.array(DEFAULT_PRIORS if priors is None else priors, dtype=np.float64)
+    except (TypeError, ValueError):
+        raise SubmissionError(f"{name} must be a [5 conditions][5 levels][3 classes] list of numbers") from None
     if p.shape == (N_CLASSES,):
         p = np.broadcast_to(p, (N_CONDITIONS, N_LEVELS, N_CLASSES))
     elif p.shape == (N_CONDITIONS, N_CLASSES):
         p = np.broadcast_to(p[:, None, :], (N_CONDITIONS, N_LEVELS, N_CLASSES))
     elif p.shape != (N_CONDITIONS, N_LEVELS, N_CLASSES):
         raise SubmissionError(
-            f"fallback priors must have shape [3], [5, 3] or [5, 5, 3] (classes {CLASSES}), got {list(p.shape)}"
+            f"{name} must have shape [3], [5, 3] or [5, 5, 3] (conditions {CONDITIONS} x levels x classes {CLASSES}), "
+            f"got {list(p.shape)}"
         )
     if not np.isfinite(p).all() or (p < 0).any():
-        raise SubmissionError("fallback priors must be finite and >= 0")
+        raise SubmissionError(f"{name} must be finite and >= 0")
     sums = p.sum(axis=-1, keepdims=True)
     if (sums <= 0).any():
-        raise SubmissionError("every fallback prior row needs a positive entry")
+        raise SubmissionError(f"every row of {name} needs a positive entry")
+    if sum_tolerance is not None and np.any(np.abs(sums - 1.0) > sum_tolerance):
+        raise SubmissionError(f"{name}: each target's 3 class probabilities must sum to 1 "
+                              f"(got sums from {sums.min():.4f} to {sums.max():.4f})")
     return np.ascontiguousarray(p / sums)
 
 

@@ -95,13 +95,6 @@ class DemoResult:
                 "families": self.families, "mirror": self.mirror, "seconds": self.seconds}
 
 
-def _constant_submission(study_ids: list[int], probs: np.ndarray) -> pd.DataFrame:
-    from ..submission import assemble_submission
-
-    p = {int(s): np.asarray(probs, np.float64).copy() for s in study_ids}
-    return assemble_submission(p, [int(s) for s in study_ids], masks=None, priors=probs).frame
-
-
 #: Patient axis roughly along each kind's slice normal (sagittal: x; axial: z), for the
 #: through-plane part of the keypoint error.
 THROUGH_AXIS = {"spinal": 0, "foraminal": 0, "subarticular": 2}
@@ -217,6 +210,7 @@ def run_demo(
     from ..inference.engine import predict
     from ..metric import score_components
     from ..models.manifest import load_manifest
+    from ..submission import prior_submission
     from ..synth import load_keypoints_world, make_dataset
 
     man_path = check_demo_weights(Path(manifest) if manifest is not None else None)
@@ -244,8 +238,8 @@ def run_demo(
         priors = load_manifest(man_path, check_files=False).priors
         scores = {
             "model": score_components(solution, sub),
-            "prior": score_components(solution, _constant_submission(ids, priors)),
-            "uniform": score_components(solution, _constant_submission(ids, np.full((N_CONDITIONS, N_LEVELS, N_CLASSES), 1 / 3))),
+            "prior": score_components(solution, prior_submission(ids, priors)),
+            "uniform": score_components(solution, prior_submission(ids, np.full((N_CONDITIONS, N_LEVELS, N_CLASSES), 1 / 3))),
         }
         report = json.loads((root / "run_report.json").read_text())
         stats = keypoint_stats(report, load_keypoints_world(root, "test"))

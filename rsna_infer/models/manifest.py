@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ..constants import CONDITIONS, GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..constants import GROUPS
 from ..output import atomic_copy, atomic_write_text
 from ..specs import NAME_PATTERN, ModelEntry, SpecError
 from ..validate import head, parse_fields
@@ -285,25 +285,14 @@ def save_manifest(manifest: Manifest, path: str | os.PathLike) -> Path:
 
 
 def _check_priors(priors: Any, name: str) -> np.ndarray:
-    """[5, 5, 3] priors from a [3] (every target), [5, 3] (per condition) or [5, 5, 3] list."""
+    """[5, 5, 3] priors from a [3] (every target), [5, 3] (per condition) or [5, 5, 3] list
+    whose rows sum to 1 (`rsna_infer.submission.resolve_priors`, as `ManifestError`)."""
+    from ..submission import SubmissionError, resolve_priors  # pandas, not torch: imported only when needed
+
     try:
-        arr = np.asarray(priors, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ManifestError(f"{name} must be a [5 conditions][5 levels][3 classes] list of numbers") from None
-    if arr.shape == (N_CLASSES,):
-        arr = np.broadcast_to(arr, (N_CONDITIONS, N_LEVELS, N_CLASSES))
-    elif arr.shape == (N_CONDITIONS, N_CLASSES):
-        arr = np.broadcast_to(arr[:, None, :], (N_CONDITIONS, N_LEVELS, N_CLASSES))
-    if arr.shape != (N_CONDITIONS, N_LEVELS, N_CLASSES):
-        raise ManifestError(
-            f"{name} must have shape [5, 5, 3] (conditions {CONDITIONS} x levels x classes), [5, 3] or [3]; got {list(arr.shape)}"
-        )
-    if not np.all(np.isfinite(arr)) or np.any(arr < 0):
-        raise ManifestError(f"{name} must be finite and >= 0")
-    sums = arr.sum(-1)
-    if np.any(np.abs(sums - 1.0) > 1e-3):
-        raise ManifestError(f"{name}: each target's 3 class probabilities must sum to 1 (got sums from {sums.min():.4f} to {sums.max():.4f})")
-    return arr / sums[..., None]
+        return resolve_priors(priors, name, sum_tolerance=1e-3)
+    except SubmissionError as e:
+        raise ManifestError(str(e)) from None
 
 
 # -- files and weights -----------------------------------------------------------------------
