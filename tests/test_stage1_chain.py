@@ -7,7 +7,7 @@ from stage1_fixtures import axial, entry, sagittal, study_of
 
 from rsna_infer.constants import SAG_T1
 from rsna_infer.models.registry import make_family
-from rsna_infer.stage1.runner import predict_keypoints, run_folds
+from rsna_infer.stage1.chain import predict_keypoints, run_folds
 
 
 @pytest.fixture(scope="module")
