@@ -15,7 +15,7 @@ import sys
 #: command -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("rsna_infer.demo", "phantom test set -> predict with the demo weights -> score vs baselines"),
-    "predict": ("rsna_infer.inference.engine", "write submission.csv for a Kaggle-layout test root"),
+    "predict": ("rsna_infer.commands.predict", "write submission.csv for a Kaggle-layout test root"),
     "show": ("rsna_infer.viz.show", "QA page of one study: model inputs with keypoints, crops, probabilities"),
     "score": ("rsna_infer.metric", "score a submission CSV against train.csv-style labels"),
     "synth": ("rsna_infer.synth", "write phantom lumbar-spine studies in the Kaggle layout"),

@@ -220,6 +220,13 @@ def use_fake_families(monkeypatch) -> None:
         monkeypatch.setitem(registry._FAMILY_PATHS, k, v)
 
 
+def use_fake_cli(monkeypatch) -> None:
+    """``rsna-infer predict`` in this process without a stage-1 finalize (see fake_cli.py)."""
+    from rsna_infer import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "predict", ("fake_cli", cli.COMMANDS["predict"][1]))
+
+
 def fake_entries(**over) -> list[dict]:
     """Two stage-1 folds (t2) + one t1 + two graders with different blend weights."""
     norm = {"lo_pct": 0.0, "hi_pct": 100.0}

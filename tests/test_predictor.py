@@ -9,11 +9,12 @@ import pandas as pd
 import predict_fakes as fakes
 import pytest
 import torch
-from predict_fakes import fake_entries, use_fake_families, write_fake_root
+from predict_fakes import fake_entries, use_fake_cli, use_fake_families, write_fake_root
 
 from rsna_infer import cli
 from rsna_infer.constants import study_row_ids
-from rsna_infer.inference.engine import Predictor, predict
+from rsna_infer.api import predict
+from rsna_infer.inference.engine import Predictor
 from rsna_infer.models import manifest as mf
 from rsna_infer.models.manifest import ManifestError, load_manifest
 from rsna_infer.models.random_weights import make_random_manifest
@@ -222,19 +223,12 @@ def test_deadline_gives_priors_to_studies_that_cannot_fit(fam, root, tmp_path):
     assert len(df) == 175 and np.allclose(df.iloc[:, 1:].sum(axis=1), 1)
 
 
-def test_cli_predict(fam, root, tmp_path, capsys):
+def test_cli_predict(fam, root, tmp_path, capsys, monkeypatch):
     man = _manifest(tmp_path)
     out = tmp_path / "cli" / "sub.csv"
-    monkey_finalize = {"finalize": KEEP}
-    import rsna_infer.inference.engine as P
-
-    orig = P._default_finalize
-    P._default_finalize = lambda: monkey_finalize["finalize"]
-    try:
-        rc = cli.main(["predict", str(root), "--out", str(out), "--manifest", str(man), "--workers", "0", "--no-tta",
-                       "--device", "cpu", "--chunk-size", "3"])
-    finally:
-        P._default_finalize = orig
+    use_fake_cli(monkeypatch)
+    rc = cli.main(["predict", str(root), "--out", str(out), "--manifest", str(man), "--workers", "0", "--no-tta",
+                   "--device", "cpu", "--chunk-size", "3"])
     assert rc == 0 and out.is_file() and (out.parent / "run_report.json").is_file()
     assert len(pd.read_csv(out)) == 175
     assert json.loads((out.parent / "run_report.json").read_text())["settings"]["tta"] is False
