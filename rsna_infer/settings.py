@@ -26,8 +26,8 @@ import argparse
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import MISSING, Field, dataclass, field, fields, replace
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import Field, dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -230,14 +230,16 @@ class RunSettings:
     # -- building ----------------------------------------------------------------------------
     @classmethod
     def of(cls, settings: "RunSettings | None" = None, **options: Any) -> "RunSettings":
-        """``settings`` (default: every default) with ``options`` (field names) replaced; an
-        unknown name is a `TypeError` naming the known ones."""
+        """``settings`` (default: every default) with ``options`` (field names) replaced: the
+        options of a run as given. An unknown name is a `TypeError` naming the known ones;
+        resolved settings (one predictor's, see `resolve`) are not options to start from."""
         unknown = sorted(set(options) - set(option_names()))
         if unknown:
             raise TypeError(f"unknown run option(s) {unknown}; run options: {', '.join(option_names())}")
         base = cls() if settings is None else settings
-        if base.resolved and options:
-            raise ValueError("these settings are already resolved; change the options before the run is set up")
+        if base.resolved:
+            raise ValueError("these settings are already resolved for one predictor's devices; "
+                             "pass the options as given (RunSettings(...)) instead")
         return replace(base, **options) if options else base
 
     @classmethod
@@ -323,8 +325,3 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             if meta["choices"] is not None:
                 kw["choices"] = meta["choices"]()
         parser.add_argument(meta["flag"], **kw)
-
-
-def describe() -> Mapping[str, tuple[Any, str]]:
-    """``{name: (default, doc)}`` of every run option (docs tables)."""
-    return {f.name: (f.default if f.default is not MISSING else None, f.metadata["doc"]) for f in option_fields()}

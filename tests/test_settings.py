@@ -82,8 +82,9 @@ def test_resolution_fills_the_machine_defaults_once(monkeypatch):
     cuda = type("Dev", (), {"type": "cuda"})()
     assert RunSettings().resolve([cuda], cpus=1).batch_size == 32
     assert RunSettings(batch_size=5, num_workers=0).resolve([cuda]).batch_size == 5
-    with pytest.raises(ValueError, match="already resolved"):
-        RunSettings.of(r, tta=False)
+    for options in ({}, {"tta": False}):
+        with pytest.raises(ValueError, match="already resolved"):
+            RunSettings.of(r, **options)
     with pytest.raises(ValueError, match="needs resolved settings"):
         s.set_up(members="resident", precision="fp32")
     up = r.set_up(members="streamed", precision="fp16 weights, fp16 autocast")
