@@ -122,5 +122,5 @@ def test_the_report_writes_the_resolved_settings_as_they_are(monkeypatch, tmp_pa
     assert reported["chunk_size"] == 1 and reported["study_timeout_s"] == 60.0 and reported["batch_size"] == 8
     assert reported["members"] == "resident" and reported["precision"] == "fp32"
     assert pred.memory_report()["precision"] == reported["precision"]  # one resolution, used everywhere
-    with pytest.raises(ValueError, match=r"\['tta'\] are fixed when the Predictor is built"):
-        pred.run([], tta=False)
+    with pytest.raises(ValueError, match=r"\['qa_dir', 'tta'\] cannot change for one run"):
+        pred.run([], tta=False, qa_dir="qa")

@@ -41,7 +41,7 @@ from ..models.manifest import Manifest
 from ..models.prep_groups import PrepGroup, preparation_groups
 from ..runtime.deadline import DeadlineGuard, Plan, build_ladder
 from ..runtime.devices import resolve_devices
-from ..settings import RunSettings
+from ..settings import RunSettings, part_options
 from ..specs import ModelEntry
 from ..stage1.chain import Finalize, Stage1Group, default_finalize, stage1_chain
 from . import setup
@@ -184,11 +184,10 @@ class Predictor:
 
     def _settings_for_run(self, options: dict[str, Any]) -> RunSettings:
         """This predictor's settings with some run options changed, resolved again."""
-        from ..settings import part_options
-
-        fixed = sorted(k for k in set(options) & part_options("models") if options[k] != getattr(self.given, k))
-        if fixed:
-            raise ValueError(f"{fixed} are fixed when the Predictor is built; pass them to Predictor(...)")
+        others = sorted(set(options) - part_options("run"))
+        if others:
+            raise ValueError(f"{others} cannot change for one run: the models' options are fixed when the Predictor "
+                             "is built (Predictor(...)), the call's belong to rsna_infer.predict")
         given = RunSettings.of(self.given, **options)
         return given.resolve(self.devices).set_up(members=self.settings.members, precision=self.settings.precision)
 
