@@ -21,7 +21,7 @@ import numpy as np
 
 from .inference.engine import Predictor
 from .inference.report import RunReport, RunResult, Timings, record_result, write_report
-from .models.manifest import Manifest, demo_entries, load_manifest, resolve_manifest_path
+from .models.manifest import Manifest, demo_entries, resolve_manifest_path
 from .output import OutputError
 from .settings import RunSettings
 
@@ -178,20 +178,22 @@ def _select_studies(refs: list["StudyRef"], study_ids: Sequence[int], test_dir: 
 
 
 def _manifest_for_prediction(manifest: "str | os.PathLike | Manifest | None", report: RunReport) -> Manifest:
-    """The manifest, validated for prediction (files present, sha256, paths, blend groups),
-    and what the report says about it (path, hash, demo weights)."""
+    """The manifest, validated for prediction (files present, sha256, paths, blend groups:
+    `rsna_infer.inference.setup.manifest_for_run`, which the `Predictor` repeats without the
+    hashing), and what the report says about it (path, hash, demo weights)."""
+    from .inference.setup import manifest_for_run
+
     if isinstance(manifest, Manifest):
-        man, man_path, is_demo = manifest, manifest.path, False
-        man.check_files(verify=True)
+        man_path, is_demo = manifest.path, False
+        man = manifest_for_run(manifest, verify=True)
     else:
         man_path, is_demo = resolve_manifest_path(manifest)
-        man = load_manifest(man_path, verify=True)
+        man = manifest_for_run(man_path, verify=True)
     copied = [] if is_demo else demo_entries(man)  # demo weights copied elsewhere are still demo weights
     if is_demo or copied:
         is_demo = True
         logger.warning("%s\n%s\n%s", "!" * 88, DEMO_WARNING, "!" * 88)
         report.warnings.append(DEMO_WARNING + (f" (recognised by sha256: {', '.join(copied)})" if copied else ""))
-    man.check_for_prediction()
     report.manifest = {"path": str(man_path) if man_path else None, "sha256": man.sha256, "demo": is_demo,
                        "notes": man.notes, "priors": "manifest" if man.priors_given else "default"}
     return man
