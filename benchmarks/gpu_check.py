@@ -48,7 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 logger = logging.getLogger("gpu_check")
-CHUNK = 16  # studies per chunk in the predictor (rsna_infer.inference.engine.DEFAULT_CHUNK_SIZE)
+CHUNK = 16  # studies per chunk in the predictor (rsna_infer.settings.DEFAULT_CHUNK_SIZE)
 
 
 class Clock:

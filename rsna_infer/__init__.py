@@ -11,8 +11,8 @@ if TYPE_CHECKING:
 
 
 def predict(*args: Any, **kwargs: Any) -> "pd.DataFrame":
-    """Run the whole pipeline on a Kaggle-layout test root; see `rsna_infer.inference.engine.predict`."""
-    from .inference.engine import predict as _predict
+    """Run the whole pipeline on a Kaggle-layout test root; see `rsna_infer.api.predict`."""
+    from .api import predict as _predict
 
     return _predict(*args, **kwargs)
 

@@ -1,21 +1,32 @@
 """``rsna-infer`` with the fake families of predict_fakes.py, as a real process that tests can
 hurt from outside (signals, resource limits). Usage: ``python tests/fake_cli.py predict ...``
-with ``tests/`` on ``PYTHONPATH``."""
+with ``tests/`` on ``PYTHONPATH``.
+
+The module is also a ``predict`` command (``add_arguments`` / ``run_cli``): the real one with
+no stage-1 finalize (the fakes need none), through its public ``finalize`` argument. The
+process points ``rsna_infer.cli.COMMANDS["predict"]`` at it; in-process tests do the same
+with `predict_fakes.use_fake_cli`.
+"""
 
 import sys
 
-import predict_fakes
+from rsna_infer.commands import predict as command
 
-from rsna_infer.models import registry
+add_arguments = command.add_arguments
 
-for name, path in predict_fakes.FAKE_PATHS.items():
-    registry.register_family(name, path)
 
-import rsna_infer.inference.engine as predictor  # noqa: E402
+def run_cli(args) -> int:
+    """``rsna-infer predict`` keeping the fakes' keypoints as they are."""
+    return command.run_cli(args, finalize=lambda study, kp: kp)
 
-predictor._default_finalize = lambda: (lambda study, kp: kp)  # the fakes need no stage-1 finalize
 
 if __name__ == "__main__":
-    from rsna_infer.cli import main
+    import predict_fakes
 
-    sys.exit(main(sys.argv[1:]))
+    from rsna_infer import cli
+    from rsna_infer.models import registry
+
+    for name, path in predict_fakes.FAKE_PATHS.items():
+        registry.register_family(name, path)
+    cli.COMMANDS["predict"] = (__name__, cli.COMMANDS["predict"][1])
+    sys.exit(cli.main(sys.argv[1:]))

@@ -210,6 +210,9 @@ class FakeGrader(GradingFamily):
 
 
 FAKE_PATHS = {"sag2d": f"{__name__}:FakeSag", "roi": f"{__name__}:FakeGrader"}
+#: The studies of `fake_root`; 13 has no Sagittal T2 series.
+IDS = [11, 12, 13, 14, 15, 16, 17]
+KEEP = lambda study, kp: kp  # noqa: E731  (stage-1 finalize: the fakes need none)
 
 
 def use_fake_families(monkeypatch) -> None:
@@ -220,6 +223,13 @@ def use_fake_families(monkeypatch) -> None:
     monkeypatch.setattr(registry, "FAMILY_PATHS", dict(registry.FAMILY_PATHS))
     for k, v in FAKE_PATHS.items():
         registry.register_family(k, v)
+
+
+def use_fake_cli(monkeypatch) -> None:
+    """``rsna-infer predict`` in this process without a stage-1 finalize (see fake_cli.py)."""
+    from rsna_infer import cli
+
+    monkeypatch.setitem(cli.COMMANDS, "predict", ("fake_cli", cli.COMMANDS["predict"][1]))
 
 
 def fake_entries(**over) -> list[dict]:
@@ -271,3 +281,29 @@ def write_fake_root(root: Path, study_ids: list[int], seed: int = 0, missing: di
             write_volume(root / "test_images" / str(sid) / str(ser), vol, series_description=desc)
     (root / "test_series_descriptions.csv").write_text("study_id,series_id,series_description\n" + "\n".join(rows) + "\n")
     return root
+
+
+def fake_root(root: Path) -> Path:
+    """The test root most predictor tests share: `IDS`, study 13 without its Sagittal T2."""
+    return write_fake_root(root, IDS, missing={13: SAG_T2})
+
+
+def fake_manifest(tmp_path: Path, **over) -> Path:
+    """A random-weights manifest of `fake_entries` (``over``: model kwargs per entry) under ``tmp_path/man``."""
+    from rsna_infer.models.random_weights import make_random_manifest
+
+    return make_random_manifest(tmp_path / "man", fake_entries(**over))
+
+
+def run_predict(root: Path, man, out: Path, **kw):
+    """`rsna_infer.predict` on the fakes (no stage-1 finalize, no progress bar, in-process
+    loading unless ``kw`` says otherwise): the frame and the run report."""
+    import json
+
+    from rsna_infer.api import predict
+
+    kw.setdefault("finalize", KEEP)
+    kw.setdefault("progress", False)
+    kw.setdefault("num_workers", 0)
+    df = predict(root, out / "submission.csv", manifest=man, **kw)
+    return df, json.loads((out / "run_report.json").read_text())

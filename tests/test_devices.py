@@ -73,7 +73,7 @@ def test_the_cpu_fallback_reaches_the_run_report(p100, monkeypatch, tmp_path):
 
     from predict_fakes import fake_entries, use_fake_families, write_fake_root
 
-    from rsna_infer.inference.engine import predict
+    from rsna_infer.api import predict
     from rsna_infer.models.random_weights import make_random_manifest
 
     use_fake_families(monkeypatch)

@@ -97,3 +97,31 @@ def test_shape_errors_say_what_is_wrong(kw, match):
     args.update(kw)
     with pytest.raises(ValueError, match=match):
         blend_logits(**args)
+
+
+def test_study_logit_mean_averages_samples_under_their_masks():
+    """The one masked per-study mean (prediction and training validation): a sample counts
+    where its mask is set and its logits are finite; targets no sample covers are masked."""
+    from rsna_infer.models.ensemble import StudyLogitMean
+    from rsna_infer.train.evaluate import LogitAccumulator
+
+    rng = np.random.default_rng(0)
+    a, b, c = (rng.normal(size=(5, 5, 3)).astype(np.float32) for _ in range(3))
+    c[1, 2, 0] = np.nan
+    left = np.zeros((5, 5), bool)
+    left[:, :2] = True
+    acc = StudyLogitMean([7, 3])
+    train = LogitAccumulator([7, 3])
+    for m in (acc, train):
+        m.add(3, a, None)
+        m.add(3, b, left)
+        m.add(7, c, None)
+    logits, mask = acc.result()
+    assert logits.dtype == np.float64 and mask[1].all()
+    np.testing.assert_allclose(logits[1][:, :2], (a[:, :2].astype(np.float64) + b[:, :2]) / 2)
+    np.testing.assert_array_equal(logits[1][:, 2:], a[:, 2:])
+    assert not mask[0, 1, 2] and mask[0].sum() == 24 and np.all(logits[0, 1, 2] == 0)
+    t_logits, t_mask = train.result()
+    assert t_logits.dtype == np.float32
+    np.testing.assert_array_equal(t_mask, mask)
+    np.testing.assert_array_equal(t_logits, logits.astype(np.float32))  # the same mean, stored in float32

@@ -25,7 +25,8 @@ import pytest
 from predict_fakes import fake_entries, use_fake_families, write_fake_root
 
 from rsna_infer.constants import CLASSES, study_row_ids
-from rsna_infer.inference.engine import Predictor, predict
+from rsna_infer.api import predict
+from rsna_infer.inference.engine import Predictor
 from rsna_infer.models.random_weights import make_random_manifest
 from rsna_infer.output import OutputError
 from rsna_infer.runtime.workers import named_children

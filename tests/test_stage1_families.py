@@ -380,7 +380,7 @@ def test_axial_level_padding_to_a_bucket_leaves_each_stack_s_output_unchanged():
     """The predictor batches level-classifier stacks of different lengths together, padded to
     a length bucket (`length_axis`): the slice mask makes every real slice's output the same
     as with the stack alone (up to float rounding), and the padded tail is cut off."""
-    from rsna_infer.inference.engine import batches_by_shape, length_bucket
+    from rsna_infer.inference.batches import batches_by_shape, length_bucket
     from rsna_infer.models.family import Sample
 
     fam = make_family(_entries()["axial_level"])

@@ -497,7 +497,7 @@ def test_to_spine_stays_finite_far_from_the_curve(dtype):
     centre = anat.from_spine(np.zeros(1), np.zeros(1), np.zeros(1))[0]
     # Points at the centre line's centres of curvature, where the plain Newton Hessian is 0.
     t0 = np.linspace(-200, 200, 4001)
-    f, f1, f2 = anat._f(t0), anat._f1(t0), anat._f2(t0)
+    f, f1, f2 = anat.curve(t0), anat.curve_slope_at(t0), anat.curve_bend_at(t0)
     ok = np.abs(f2) > 1e-6
     v = f[ok] + (1 + f1[ok] ** 2) / f2[ok]
     singular = anat.local_to_world(np.stack([np.zeros_like(v), v, t0[ok]], axis=1))

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import predict_fakes as fakes
 import pytest
-from predict_fakes import fake_entries, use_fake_families, write_fake_root
+from predict_fakes import fake_entries, use_fake_cli, use_fake_families, write_fake_root
 
 from rsna_infer import cli, predict
 from rsna_infer.demo import check_demo_weights
@@ -395,9 +395,7 @@ def test_show_an_unknown_study_is_a_clear_error(fam, fake_root, tmp_path, capsys
 
 
 def test_cli_predict_writes_qa_pages(fam, fake_root, tmp_path, monkeypatch, capsys):
-    import rsna_infer.inference.engine as P
-
-    monkeypatch.setattr(P, "_default_finalize", lambda: KEEP)
+    use_fake_cli(monkeypatch)
     man = make_random_manifest(tmp_path / "man", fake_entries())
     rc = cli.main(["predict", str(fake_root), "--out", str(tmp_path / "o" / "s.csv"), "--manifest", str(man), "--workers", "0",
                    "--device", "cpu", "--qa-dir", str(tmp_path / "qa"), "--qa-worst", "2"])

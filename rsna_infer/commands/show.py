@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace) -> int:
-    from ..inference.engine import predict
+    from ..api import predict
     from ..models.manifest import ManifestError
     from ..viz import VizUnavailable
 

@@ -207,7 +207,7 @@ def run_demo(
 ) -> DemoResult:
     """Phantom test set -> predict with the demo weights -> scores and keypoint errors; with
     ``mirror`` also the same studies mirrored left/right (`mirror_root`, `mirror_figures`)."""
-    from ..inference.engine import predict
+    from ..api import predict
     from ..metric import score_components
     from ..models.manifest import load_manifest
     from ..submission import prior_submission

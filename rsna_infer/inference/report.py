@@ -1,5 +1,9 @@
 """``run_report.json``: what a prediction run did, written beside the submission.
 
+`RunReport` is filled in by `rsna_infer.api.predict`: the settings as the run resolved them
+(`rsna_infer.settings.RunSettings.report`), the models, and the run's outcome
+(`record_result`); `write_report` writes it without ever failing a run whose CSV is written.
+
 It answers the questions asked after a long offline run: which code and weights produced
 this CSV (versions, manifest hash, models), how long each stage took, and what went wrong
 for which study (warnings, exceptions, fallback rows, shed work). It also carries the final
@@ -10,14 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import platform
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -25,6 +31,8 @@ from ..constants import N_CONDITIONS, N_LEVELS
 
 if TYPE_CHECKING:
     from ..keypoints import KeypointSet, StudyKeypoints
+
+logger = logging.getLogger(__name__)
 
 #: Distributions whose versions every report records.
 VERSIONED = ("rsna-infer", "torch", "timm", "timm-3d", "pydicom", "numpy", "pandas", "safetensors")
@@ -101,6 +109,24 @@ class StudyRecord:
         d = asdict(self)
         d["seconds"] = round(self.seconds, 4)
         return d
+
+
+@dataclass
+class RunResult:
+    """What `rsna_infer.inference.engine.Predictor.run` returns: per-study probabilities and
+    coverage (targets a model predicted), records, timings, and what the run met."""
+
+    study_ids: list[int]
+    probs: dict[int, np.ndarray]
+    coverage: dict[int, np.ndarray]
+    records: dict[int, StudyRecord]
+    timings: Timings
+    deadline: dict[str, Any] | None
+    wall_s: float
+    warnings: list[str] = field(default_factory=list)
+    peak_rss_mb: dict[str, float] = field(default_factory=dict)  # main process / loading process(es)
+    faults: dict[str, Any] = field(default_factory=dict)  # what the machine did: workers, devices, OOM
+    memory: dict[str, Any] = field(default_factory=dict)  # device memory: mode, plan, what was measured
 
 
 def keypoint_set_dict(s: "KeypointSet") -> dict[str, Any]:
@@ -190,3 +216,55 @@ def json_default(o: Any) -> Any:
     if isinstance(o, Path):
         return str(o)
     return repr(o)
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types from a report dict that may hold numpy values."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+def describe_filled(targets: Sequence[str]) -> str:
+    """``'priors for 7 target(s): spinal_canal_stenosis x5, left_subarticular_stenosis x2'``."""
+    from ..constants import CONDITIONS
+
+    counts = {c: sum(t.startswith(c + "_l") for t in targets) for c in CONDITIONS}
+    parts = [f"{c} x{n}" for c, n in counts.items() if n]
+    return f"priors for {len(targets)} target(s) no model covered: " + ", ".join(parts)
+
+
+def record_result(report: RunReport, result: RunResult, filled: dict[int, list[str]]) -> None:
+    """The run's outcome in the report: every study's record (a study without one fell back
+    whole), the prior targets the submission filled (``filled``: study -> targets), deadline,
+    faults, memory and warnings."""
+    for sid in result.study_ids:
+        rec = result.records.setdefault(sid, StudyRecord(sid, status="fallback", fallbacks=["no result; prior rows"]))
+        got = filled.get(sid, [])
+        rec.set_prior_targets(len(got))
+        if got and rec.status != "skipped":
+            rec.fallbacks.append(describe_filled(got))
+    report.deadline = result.deadline or {}
+    report.warnings += result.warnings
+    report.faults = result.faults
+    report.memory = result.memory
+    report.peak_rss_mb = result.peak_rss_mb
+    report.n_studies = len(result.study_ids)
+    report.add_studies([result.records[s] for s in result.study_ids])
+
+
+def write_report(report: RunReport, path: Path, out_csv: Path, complete: bool) -> None:
+    """The run report; failing to write it never fails a run whose CSV is written."""
+    try:
+        report.write(path)
+    except OSError as e:
+        logger.error("could not write the run report %s (%s); the submission %s is %s", path, e.strerror or e,
+                     out_csv, "complete" if complete else "the priors-only safety net")

@@ -5,11 +5,16 @@ A member that has no input for a study (its mask is False there, or its logits a
 finite) drops out of that study's target and the remaining weights are renormalised; a
 target no member covers gets the class priors. Pure numpy, so the trainer's fit-blend and
 the predictor share exactly this code.
+
+What is blended is, per member, `StudyLogitMean`: a study's samples (one per axial stack, per
+side...) averaged per target under their masks. Training validation computes the
+out-of-fold logits the blend is fitted on with it, and the predictor the logits the blend
+is applied to, so the two cannot drift.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -90,3 +95,32 @@ def blend_logits(
     if fallback.shape != (N_CONDITIONS, N_LEVELS, N_CLASSES):
         raise ValueError(f"priors must be [5, 5, 3], got {fallback.shape}")
     return np.where(covered[..., None], probs, fallback[None])
+
+
+class StudyLogitMean:
+    """Per study, the mean of its samples' logits over the targets each sample predicts.
+
+    ``add(study_id, logits [5, 5, 3], mask [5, 5] or None)``: a sample counts for the targets
+    of its mask (None: all) where its logits are finite; `result` gives the mean per study
+    and target, and where no sample counted, 0 with a False mask. Sums in float64, in the
+    order the samples are added.
+    """
+
+    def __init__(self, study_ids: Sequence[int]) -> None:
+        self.study_ids = [int(s) for s in study_ids]
+        self._index = {s: i for i, s in enumerate(self.study_ids)}
+        self._sum = np.zeros((len(self.study_ids), N_CONDITIONS, N_LEVELS, N_CLASSES))
+        self._count = np.zeros((len(self.study_ids), N_CONDITIONS, N_LEVELS))
+
+    def add(self, study_id: int, logits: np.ndarray, mask: np.ndarray | None = None) -> None:
+        i = self._index[int(study_id)]
+        m = np.ones((N_CONDITIONS, N_LEVELS), bool) if mask is None else np.asarray(mask, bool)
+        m = m & np.all(np.isfinite(logits), axis=-1)
+        self._sum[i][m] += np.asarray(logits, np.float64)[m]
+        self._count[i][m] += 1
+
+    def result(self, dtype: type = np.float64) -> tuple[np.ndarray, np.ndarray]:
+        """(logits [S, 5, 5, 3] in ``dtype``, mask bool [S, 5, 5]), studies in the given order."""
+        mask = self._count > 0
+        logits = self._sum / np.maximum(self._count, 1)[..., None]
+        return logits.astype(dtype, copy=False), mask

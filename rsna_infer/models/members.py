@@ -102,6 +102,13 @@ class LoadedMember:
         self.resident = True
         return time.perf_counter() - t
 
+    def keep_on_device(self) -> float:
+        """Resident for good (a streamed member made resident): on the device, with no host
+        copies kept to go back to; seconds it took."""
+        seconds = self.to_device()
+        self._host_of.clear()
+        return seconds
+
     def to_host(self) -> None:
         """Back to host memory: the host copies are kept, so this copies nothing."""
         if self.resident and self._host_of:

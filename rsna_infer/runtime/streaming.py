@@ -308,7 +308,7 @@ class StudyStream:
         if isinstance(value, PoolUnavailable):
             self._to_in_process(index, value)
             return None
-        attempt = self._attempts[sid] = self._attempts.get(sid, 0) + 1
+        attempt = self.count_attempt(sid)
         if isinstance(value, WorkerDied):
             event, fallback = "worker died", f"a loading worker died on it {attempt} time(s)"
         elif isinstance(value, WorkerTimeout):
@@ -325,6 +325,12 @@ class StudyStream:
         logger.error("%s", msg)
         self.warnings.append(msg)
         return LoadedStudy(sid, None, errors=[f"{event}: {detail}"])
+
+    def count_attempt(self, study_id: int) -> int:
+        """One more worker this study killed or hung; how many so far. A study with any is
+        never loaded in the main process (it could do the same to it)."""
+        attempt = self._attempts[study_id] = self._attempts.get(study_id, 0) + 1
+        return attempt
 
     def _to_in_process(self, index: int, err: BaseException) -> None:
         """No worker can start: load from ``refs[index]`` on in this process."""

@@ -71,28 +71,31 @@ class Anatomy:
 
     def __post_init__(self) -> None:
         self._w_grid = np.arange(-450.0, 450.0 + _W_STEP, _W_STEP)
-        f1 = self._f1(self._w_grid)
+        f1 = self.curve_slope_at(self._w_grid)
         ds = np.sqrt(1 + f1**2)
         arc = np.concatenate([[0.0], np.cumsum(0.5 * (ds[1:] + ds[:-1]) * _W_STEP)])
         self._arc_grid = arc - np.interp(0.0, self._w_grid, arc)
         # f, f', f'', arc length tabulated on the w grid: rendering looks them up (cheap)
         # instead of evaluating transcendental functions at millions of points.
-        self._curve_table = np.stack([self._f(self._w_grid), f1, self._f2(self._w_grid), self._arc_grid])
+        self._curve_table = np.stack([self.curve(self._w_grid), f1, self.curve_bend_at(self._w_grid), self._arc_grid])
         self.profiles = self._build_profiles()
 
     # -- centre line ----------------------------------------------------------------------
-    def _f(self, w: np.ndarray) -> np.ndarray:
+    def curve(self, w: np.ndarray) -> np.ndarray:
+        """The spine's centre line: its anterior offset at height ``w`` (mm)."""
         x = (w - self.curve_apex) / self.curve_scale
         x0 = -self.curve_apex / self.curve_scale
         amp = np.where(x > 0, self.curve_slope[0], self.curve_slope[1])
         amp0 = self.curve_slope[0] if x0 > 0 else self.curve_slope[1]
         return self.curve_scale * (amp * _logcosh(x) - amp0 * _logcosh(x0))
 
-    def _f1(self, w: np.ndarray) -> np.ndarray:
+    def curve_slope_at(self, w: np.ndarray) -> np.ndarray:
+        """First derivative of `curve`."""
         x = (w - self.curve_apex) / self.curve_scale
         return np.where(x > 0, self.curve_slope[0], self.curve_slope[1]) * np.tanh(x)
 
-    def _f2(self, w: np.ndarray) -> np.ndarray:
+    def curve_bend_at(self, w: np.ndarray) -> np.ndarray:
+        """Second derivative of `curve`."""
         x = (w - self.curve_apex) / self.curve_scale
         th = np.tanh(x)
         return np.where(x > 0, self.curve_slope[0], self.curve_slope[1]) * (1 - th * th) / self.curve_scale
@@ -155,16 +158,16 @@ class Anatomy:
         """Curvilinear ``(u, d, s)`` -> patient ``[..., 3]``."""
         u, d, s = np.broadcast_arrays(*(np.asarray(a, dtype=np.float64) for a in (u, d, s)))
         t = np.interp(s, self._arc_grid, self._w_grid)
-        f1 = self._f1(t)
+        f1 = self.curve_slope_at(t)
         norm = np.sqrt(1 + f1 * f1)
-        v = self._f(t) + d / norm
+        v = self.curve(t) + d / norm
         w = t - d * f1 / norm
         return self.local_to_world(np.stack([u, v, w], axis=-1))
 
     def tangent(self, s: float) -> np.ndarray:
         """Unit patient direction of the centre line (cranial) at arc length ``s``."""
         t = float(np.interp(s, self._arc_grid, self._w_grid))
-        f1 = float(self._f1(np.array(t)))
+        f1 = float(self.curve_slope_at(np.array(t)))
         return self.rotation @ (np.array([0.0, f1, 1.0]) / np.hypot(1.0, f1))
 
     # -- landmarks ------------------------------------------------------------------------

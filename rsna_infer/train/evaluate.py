@@ -3,14 +3,13 @@ some targets) and keypoint errors in mm for keypoint models."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..constants import GROUPS, N_CLASSES, N_CONDITIONS, N_LEVELS
+from ..constants import GROUPS, N_CONDITIONS, N_LEVELS
 from ..keypoints import POINT_KINDS, KeypointSet, StudyKeypoints, truth_key
-from ..models.ensemble import blend_logits
+from ..models.ensemble import StudyLogitMean, blend_logits
 from ..stage1.assemble import preferred_best
 
 if TYPE_CHECKING:
@@ -38,32 +37,13 @@ def score_logits(logits: np.ndarray, mask: np.ndarray, labels: np.ndarray, prior
     return out
 
 
-@dataclass
-class LogitAccumulator:
-    """Per-study mean of sample logits over the targets each sample predicts (a study can
-    yield several samples, e.g. one per axial stack or per side)."""
+class LogitAccumulator(StudyLogitMean):
+    """The per-study masked logit mean of `rsna_infer.models.ensemble.StudyLogitMean` (the
+    one the predictor blends), kept in float32 as the out-of-fold files store it."""
 
-    study_ids: list[int]
-    _index: dict[int, int] = field(init=False)
-    _sum: np.ndarray = field(init=False)
-    _count: np.ndarray = field(init=False)
-
-    def __post_init__(self) -> None:
-        self._index = {int(s): i for i, s in enumerate(self.study_ids)}
-        self._sum = np.zeros((len(self.study_ids), N_CONDITIONS, N_LEVELS, N_CLASSES))
-        self._count = np.zeros((len(self.study_ids), N_CONDITIONS, N_LEVELS))
-
-    def add(self, study_id: int, logits: np.ndarray, mask: np.ndarray) -> None:
-        i = self._index[int(study_id)]
-        m = np.asarray(mask, bool) & np.all(np.isfinite(logits), axis=-1)
-        self._sum[i][m] += np.asarray(logits, np.float64)[m]
-        self._count[i][m] += 1
-
-    def result(self) -> tuple[np.ndarray, np.ndarray]:
+    def result(self, dtype: type = np.float32) -> tuple[np.ndarray, np.ndarray]:
         """(logits float32 [S, 5, 5, 3], mask bool [S, 5, 5])."""
-        mask = self._count > 0
-        logits = self._sum / np.maximum(self._count, 1)[..., None]
-        return logits.astype(np.float32), mask
+        return super().result(dtype)
 
 
 def keypoint_errors(pred: StudyKeypoints, truth: StudyKeypoints, study: "Study | None" = None) -> dict[str, np.ndarray]:

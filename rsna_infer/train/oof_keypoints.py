@@ -27,7 +27,7 @@ from ..models.family import KeypointFamily
 from ..models.manifest import Manifest, load_manifest
 from ..models.members import LoadedMember, load_member
 from ..specs import STAGE1_FAMILIES, ModelEntry
-from ..stage1.assemble import finalize, merge_decoded
+from ..stage1.chain import Stage1Group, default_finalize, group_key, stage1_chain
 from .data import TrainingData
 from .distributed import default_device
 from .folds import check_same_split, load_folds, split_id
@@ -44,33 +44,42 @@ def stage1_groups(members: list[LoadedMember]) -> list[list[LoadedMember]]:
     return list(groups.values())
 
 
+def _warn(where: str, study_id: int, exc: BaseException) -> None:
+    """As in the predictor: one failing step costs that study that step's keypoints, no more."""
+    logger.warning("study %s: %s failed (%s: %s)", study_id, where, type(exc).__name__, exc)
+
+
 @torch.inference_mode()
 def predict_keypoints(groups: list[list[LoadedMember]], study, tta: bool = False, batch_size: int = 16) -> StudyKeypoints:
-    """The study's keypoints from the stage-1 chain (fold outputs averaged before decoding)."""
-    kp = StudyKeypoints(study.study_id)
+    """The study's keypoints from the stage-1 chain (`rsna_infer.stage1.chain.stage1_chain`:
+    fold outputs averaged before decoding, then merge and finalize)."""
+    sid = study.study_id
+    chain = []
     for group in groups:
         family = group[0].family
         assert isinstance(family, KeypointFamily)
+        chain.append(Stage1Group(group_key(family), family, group))
+
+    def samples(g: Stage1Group, kps: dict[int, StudyKeypoints]) -> list:
         try:
-            samples = family.prepare(study, kp)
-        except Exception as e:  # as in the predictor: one failing family never stops a study
-            logger.warning("study %s: %s prepare failed (%s: %s)", study.study_id, family.set_key, type(e).__name__, e)
-            continue
-        if not samples:
-            continue
-        outs = None
-        for member in group:
+            return [(sid, s) for s in g.family.prepare(study, kps[sid])]
+        except Exception as e:
+            _warn(f"prepare {g.key}", sid, e)
+            return []
+
+    def run(g: Stage1Group, items: list) -> list[list[np.ndarray]]:
+        samples_ = [s for _, s in items]
+        runs = []
+        for member in g.folds:
             parts = []
-            for k in range(0, len(samples), batch_size):
-                batch = {n: t.to(member.device) for n, t in family.collate(samples[k:k + batch_size]).items()}
+            for k in range(0, len(samples_), batch_size):
+                batch = {n: t.to(member.device) for n, t in g.family.collate(samples_[k:k + batch_size]).items()}
                 with member.autocast():
-                    parts.append(family.run(member.model, batch, tta=tta).float().cpu().numpy())
-            o = np.concatenate(parts).astype(np.float64)
-            outs = o if outs is None else outs + o
-        outs = (outs / len(group)).astype(np.float32)
-        sets = [family.decode(outs[i], s, study) for i, s in enumerate(samples)]
-        kp = merge_decoded(family, sets, kp)
-    return finalize(study, kp)
+                    parts.append(g.family.run(member.model, batch, tta=tta).float().cpu().numpy())
+            runs.append(list(np.concatenate(parts)))
+        return runs
+
+    return stage1_chain({sid: study}, chain, samples, run, default_finalize(), on_error=_warn)[sid]
 
 
 def stage1_entries(manifests: list[Manifest | str | Path] | Manifest | str | Path, folds_csv: str | Path) -> list[tuple[ModelEntry, Path]]:

@@ -1,6 +1,6 @@
 """Capture, during a run, what the models saw: model-input slices with keypoints, and crops.
 
-`QACollector` is the `rsna_infer.inference.engine.RunObserver` of a run with QA pages. Each chunk
+`QACollector` is the `rsna_infer.inference.chunk.RunObserver` of a run with QA pages. Each chunk
 gets a `ChunkCapture`: the predictor hands it every group's samples (``add``) and, after the
 blend, the chunk's studies, keypoints and results (``close``). Nothing is read again from
 disk and nothing is recomputed (what is kept and how pictures and points are laid out:
@@ -28,7 +28,7 @@ from .rank import StudyScore, score_chunk_study
 if TYPE_CHECKING:
     import pandas as pd
 
-    from ..inference.engine import ChunkOutput
+    from ..inference.chunk import ChunkOutput
     from ..io.volume import Study
     from ..keypoints import StudyKeypoints
     from ..models.family import Family, Sample

@@ -7,7 +7,7 @@ from stage1_fixtures import axial, entry, sagittal, study_of
 
 from rsna_infer.constants import SAG_T1
 from rsna_infer.models.registry import make_family
-from rsna_infer.stage1.runner import predict_keypoints, run_folds
+from rsna_infer.stage1.chain import predict_keypoints, run_folds
 
 
 @pytest.fixture(scope="module")
@@ -99,3 +99,42 @@ def test_full_flip_group_makes_a_mirrored_study_give_the_mirrored_keypoints(stud
         v = sb.valid
         np.testing.assert_allclose(sb.world[v] * [-1, 1, 1], sa.world[swap][v], atol=2e-3, err_msg=key)
         np.testing.assert_allclose(sb.confidence, sa.confidence[swap], atol=1e-4, err_msg=key)
+
+
+def test_fold_mean_averages_the_folds_that_produced_an_output():
+    from rsna_infer.stage1.chain import fold_mean
+
+    a, b = np.array([1.0, 2.0], np.float32), np.array([2.0, 5.0], np.float32)
+    got = fold_mean([[a, None, a], [b, None, None]])
+    np.testing.assert_array_equal(got[0], [1.5, 3.5])
+    assert got[1] is None and got[0].dtype == np.float32
+    np.testing.assert_array_equal(got[2], a)
+
+
+def test_the_chain_records_a_failing_study_and_goes_on(study, families):
+    """With an ``on_error`` (the predictor's: log and record), a study whose decode or
+    finalize fails keeps what worked; without one (the default) nothing is tolerated."""
+    from rsna_infer.stage1.chain import Stage1Group, group_key, stage1_chain
+
+    fam, model = next((f, m) for f, m in families if f.name == "sag2d" and f.entry.variant == "t2")
+    groups = [Stage1Group(group_key(fam), fam, model)]
+    other = 99
+    studies = {study.study_id: study, other: study}
+    failures = []
+
+    def samples(g, kps):
+        return [(sid, s) for sid in studies for s in g.family.prepare(study, kps[sid])]
+
+    def run(g, items):
+        with torch.no_grad():
+            out = g.family.run(g.folds, g.family.collate([s for _, s in items])).numpy()
+        return [[o if sid == study.study_id else None for (sid, _), o in zip(items, out)], [o for o in out]]
+
+    def broken_finalize(st, kp):
+        raise RuntimeError("no cross-view today")
+
+    kps = stage1_chain(studies, groups, samples, run, broken_finalize, lambda *a: failures.append(a[:2]))
+    assert "sag2d_t2" in kps[study.study_id].sets and "sag2d_t2" in kps[other].sets
+    assert failures == [("stage1 finalize", study.study_id), ("stage1 finalize", other)]
+    with pytest.raises(RuntimeError, match="no cross-view today"):
+        stage1_chain(studies, groups, samples, run, broken_finalize)
