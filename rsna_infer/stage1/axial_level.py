@@ -55,14 +55,23 @@ NONE_CLASS = N_LEVELS  # class index of "no level on this slice"
 N_CLASSES = N_LEVELS + 1
 
 
-def _check_channels(family: Stage1Family) -> None:
-    spec, name = family.spec, family.entry.name
-    if len(spec.size) != 2:
-        raise SpecError(f"model {name!r}: {family.name} needs input.size (H, W), got {list(spec.size)}")
-    if spec.n_slices % 2 != 1 or spec.in_chans != spec.n_slices:
-        raise SpecError(f"model {name!r}: {family.name} feeds each slice with its neighbours as channels: "
-                        f"input.n_slices must be odd and input.in_chans equal to it, got n_slices={spec.n_slices}, "
-                        f"in_chans={spec.in_chans}")
+class _AxialSlices(Stage1Family):
+    """What both axial families share: subarticular points, from 2-D slices fed with their
+    neighbours as channels (an odd ``n_slices`` equal to ``in_chans``)."""
+
+    @property
+    def kind(self) -> str:
+        return "subarticular"
+
+    def check_entry(self) -> None:
+        super().check_entry()
+        spec, name = self.spec, self.entry.name
+        if len(spec.size) != 2:
+            raise SpecError(f"model {name!r}: {self.name} needs input.size (H, W), got {list(spec.size)}")
+        if spec.n_slices % 2 != 1 or spec.in_chans != spec.n_slices:
+            raise SpecError(f"model {name!r}: {self.name} feeds each slice with its neighbours as channels: "
+                            f"input.n_slices must be odd and input.in_chans equal to it, got n_slices={spec.n_slices}, "
+                            f"in_chans={spec.in_chans}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +103,7 @@ class AxialLevelInput(ExtraOptions):
         self.need(self.max_slices >= 0, "max_slices must be >= 0 (0 = every slice)")
 
 
-class AxialLevelFamily(PerStackFamily):
+class AxialLevelFamily(_AxialSlices, PerStackFamily):
     """Per-slice level classification over axial stacks -> z and confidence per (side, level)."""
 
     name = "axial_level"
@@ -104,13 +113,6 @@ class AxialLevelFamily(PerStackFamily):
     input_options_type: ClassVar[type[ExtraOptions]] = AxialLevelInput
     length_axis = ("image", 0)  # stacks of different lengths share a batch: padded, masked (slice_mask)
 
-    def check_entry(self) -> None:
-        super().check_entry()
-        _check_channels(self)
-
-    @property
-    def kind(self) -> str:
-        return "subarticular"
 
     # -- network ------------------------------------------------------------------------
     def build(self) -> "nn.Module":
@@ -247,7 +249,7 @@ class AxialLevelFamily(PerStackFamily):
         return {"cls": cls}
 
 
-class AxialXYFamily(PointFamily):
+class AxialXYFamily(_AxialSlices, PointFamily):
     """Left/right (x, y) on the slices chosen by the level classifier."""
 
     name = "axial_xy"
@@ -258,13 +260,6 @@ class AxialXYFamily(PointFamily):
     needs_keypoints = True  # prepare reads the axial_level set: runs after it, in the main process
     source_keys: ClassVar[tuple[str, ...]] = ("axial_level", truth_key("subarticular"))
 
-    def check_entry(self) -> None:
-        super().check_entry()
-        _check_channels(self)
-
-    @property
-    def kind(self) -> str:
-        return "subarticular"
 
     @property
     def set_key(self) -> str:
